@@ -1,0 +1,71 @@
+"""
+How close prepare.py runs to the floor set by decompressing the NIfTI files.
+
+    python benchmarks/prepare_speed.py [--volumes=200 --size=128 --slices=96 --out_size=256]
+
+Writes a phantom dataset, then in one run, for 1 and 2 worker processes: times a bare
+nibabel load of every file prepare.py reads (images, anatomy and abnormality masks), and
+times prepare.py on the same files. Prints volumes/s and the ratio prepare / bare load
+(goal: at most 1.5).
+"""
+import os
+import shutil
+import sys
+import tempfile
+import time
+from multiprocessing import get_context
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np  # noqa: E402
+
+import prepare  # noqa: E402
+from phantom import write_phantom  # noqa: E402
+
+
+def load(path):
+    import nibabel as nib
+    return np.asanyarray(nib.load(path).dataobj.get_unscaled()).size
+
+
+def files_read(src):
+    return sorted(os.path.join(r, f) for r, _, fs in os.walk(src) for f in fs if f.endswith(".nii.gz"))
+
+
+def main(argv):
+    opts = dict(volumes=200, size=128, slices=96, out_size=256)
+    for a in argv:
+        k, _, v = a.lstrip("-").partition("=")
+        if k not in opts:
+            sys.exit(f"unknown argument {a}; known: {list(opts)}")
+        opts[k] = int(v)
+    tmp = tempfile.mkdtemp(prefix="prepare_speed_")
+    try:
+        src = os.path.join(tmp, "src")
+        n_pat = max(2, int(opts["volumes"] / 1.3))
+        write_phantom(src, train_patients=n_pat * 4 // 5, valid_patients=n_pat - n_pat * 4 // 5,
+                      size=opts["size"], slices=opts["slices"], seed=0, workers=2)
+        files = files_read(src)
+        n_vol = sum(1 for f in files if "ts_seg" not in f and "rexgroundingct" not in f)
+        print(f"{n_vol} volumes, {len(files)} NIfTI files, {sum(map(os.path.getsize, files)) / 2**20:.1f} MiB "
+              f"compressed; in-plane {opts['size']} px, ~{opts['slices']} slices; output size {opts['out_size']}")
+        print(f"{'workers':>7} {'bare load s':>12} {'prepare s':>10} {'vol/s':>7} {'ratio':>6}")
+        for workers in (1, 2):
+            t0 = time.perf_counter()
+            if workers == 1:
+                list(map(load, files))
+            else:
+                with get_context("spawn").Pool(workers) as pool:
+                    list(pool.imap_unordered(load, files, chunksize=4))
+            t_load = time.perf_counter() - t0
+            out = os.path.join(tmp, f"out{workers}")
+            cfg = prepare.Config(src=src, out=out, z_mm=1.0, size=opts["out_size"], workers=workers)
+            t0 = time.perf_counter()
+            prepare.prepare(cfg, progress=False)
+            t_prep = time.perf_counter() - t0
+            print(f"{workers:>7} {t_load:>12.2f} {t_prep:>10.2f} {n_vol / t_prep:>7.1f} {t_prep / t_load:>6.2f}")
+    finally:
+        shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,669 @@
+"""
+prepare.py: a CT-RATE-shaped folder -> memory-mapped slices, masks, labels and an index.
+
+The first stage of DALE-CT (arXiv 2606.07775). It reads the NIfTI volumes of CT-RATE
+(or of phantom.py, which writes the same layout), puts every volume in Hounsfield units
+and in one orientation, crops it to the body, resamples it to `z_mm` between slices and
+`size` pixels a side, and writes each split as a few raw arrays that training samples
+from at random without loading them:
+
+    OUT/manifest.json              written last: a folder without it is not a dataset
+    OUT/{split}/slices.i16         int16 HU                       (S, size, size)
+    OUT/{split}/anatomy.u8         TotalSegmentator label          (S, mask_size, mask_size)
+    OUT/{split}/abnormal.u16       14-bit ReXGroundingCT bitmask  (S, mask_size, mask_size)
+    OUT/{split}/depth.f32          mm from the first slice, 0..1  (S, 2)
+    OUT/{split}/volumes.json       one row per volume: where its slices are, labels, flags
+    OUT/rejects.csv                every volume left out, with the reason
+
+Splits: `train` and `val` (held-out train *patients*, for probe selection) come from
+CT-RATE `train`; `test` is CT-RATE `valid`. Slices of a volume are contiguous, the first
+one is the most superior (lung apex end).
+
+Run:   python prepare.py --src=data/phantom --out=data/prepared
+       python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
+
+Work is staged per volume in OUT/.staging, so a crash or Ctrl-C loses at most the volumes
+in flight: the same command continues. The split arrays and then the manifest are written
+only when every volume is done. The reader is `open_split(OUT, split)` at the bottom.
+"""
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import asdict, dataclass, fields
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# Constants of the data (DESIGN.md 2)
+
+FORMAT_VERSION = 1
+# CT-RATE's 18 abnormality columns, in the order of its label CSVs.
+LABELS = [
+    "Medical material", "Arterial wall calcification", "Cardiomegaly",
+    "Pericardial effusion", "Coronary artery wall calcification", "Hiatal hernia",
+    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
+    "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
+    "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+]
+# ReXGroundingCT's 14 finding categories; bit c of an abnormality mask = category c.
+ABNORMALITY_CODES = ["1a", "1b", "1c", "1d", "1e", "1f", "2a", "2b", "2c", "2d", "2e", "2f", "2g", "2h"]
+N_ANATOMY = 118  # TotalSegmentator "total": 117 structures + background 0
+# Intensity normalisation: clip, then z-score with CT-RATE foreground statistics (DESIGN.md 2).
+HU_CLIP = (-997.0, 888.0)
+HU_MEAN, HU_STD = -142.39, 360.97
+BODY_HU = -500.0      # body = HU above this (DESIGN.md 7)
+BODY_OPEN_MM = 19.0   # opening window: DESIGN.md 7's 25 px at CT-RATE's typical 0.75 mm
+AIR_RANGE = (-1100.0, -900.0)  # where air must sit once in HU, or the HU decision was wrong
+SPACING_TOL = 0.02    # header and CSV spacing may differ by 2% before we call it a disagreement
+
+
+def normalize_hu(x):
+    """HU (any dtype tensor) -> float32 network input (DESIGN.md 2)."""
+    return (x.float().clamp(*HU_CLIP) - HU_MEAN) / HU_STD
+
+
+# -----------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class Config:
+    src: str = "data/phantom"      # CT-RATE-shaped folder (the real one or phantom.py's)
+    out: str = "data/prepared"     # where the prepared dataset goes
+    z_mm: float = 1.0              # slice spacing after resampling; DALE-CT uses 1 mm (DESIGN.md 2)
+    size: int = 256                # stored in-plane pixels a side (crops/resizes happen at train time)
+    mask_size: int = 128           # stored mask pixels a side; DALE-CT keeps masks at 128 (DESIGN.md 2)
+    rex: str = ""                  # ReXGroundingCT folder (dataset.json + segmentations/); "" = SRC/rexgroundingct
+    val_patients: int = 1000       # train patients held out as `val`; DALE-CT holds out 1,000 (DESIGN.md 2),
+                                   # capped at a fifth of the train patients for small datasets
+    seed: int = 0                  # seed of the patient split
+    hu: str = "auto"               # HU from: auto (header if it carries scaling, else the CSV), header, csv
+    workers: int = 2               # processes reading volumes
+    strict: bool = False           # any rejected volume is fatal
+    keep_staging: bool = False     # keep OUT/.staging after success (debugging)
+
+
+def parse_args(argv, cls=Config):
+    """--key=value overrides of a dataclass; unknown keys are an error."""
+    cfg, known = cls(), {f.name: f for f in fields(cls)}
+    for arg in argv:
+        key, eq, value = arg.lstrip("-").partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or key not in known:
+            sys.exit(f"unknown argument {arg!r}; known: " + ", ".join(f"--{k}" for k in known))
+        typ = type(getattr(cfg, key))
+        if typ is bool:
+            value = (value or "true").lower() in ("1", "true", "yes")
+        setattr(cfg, key, typ(value))
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# 1. Discovery: which volumes exist, with their CSV rows and masks
+
+class Reject(Exception):
+    """A volume that cannot be prepared; the message says what is wrong and what to do."""
+
+
+NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
+
+
+def strip_ext(name):
+    return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(name.strip()))
+
+
+def read_csv_rows(path, required):
+    """{VolumeName without extension: [rows]} of a CSV, after checking its columns."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: missing. A CT-RATE folder has metadata/ and multi_abnormality_labels/ CSVs; "
+                         f"check --src.")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise SystemExit(f"{path}: missing column(s) {missing}; it has {cols}. Is this a CT-RATE CSV?")
+        rows = {}
+        for row in reader:
+            rows.setdefault(strip_ext(row["VolumeName"]), []).append(row)
+    return rows, cols
+
+
+def read_labels(path):
+    rows, cols = read_csv_rows(path, ["VolumeName"] + LABELS)
+    unknown = [c for c in cols if c not in LABELS and c != "VolumeName"]
+    if unknown:  # a renamed or extra class would silently shift meaning: refuse the file
+        raise SystemExit(f"{path}: unknown label column(s) {unknown}. Expected VolumeName and the 18 CT-RATE "
+                         f"columns {LABELS}; fix the header or drop the extra columns.")
+    return rows
+
+
+def read_rex(rex_dir):
+    """ReXGroundingCT index {name: entry}. dataset.json is a list of entries or a dict of lists (per split)."""
+    path = os.path.join(rex_dir, "dataset.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    entries = [e for v in data.values() for e in v] if isinstance(data, dict) else data
+    index = {}
+    for e in entries:
+        name = strip_ext(e["name"])
+        if name in index:
+            raise SystemExit(f"{path}: volume {name} appears twice; keep one entry per scan.")
+        for code in e.get("categories", {}).values():
+            if code not in ABNORMALITY_CODES:
+                raise SystemExit(f"{path}: {name} has unknown category {code!r}; known: {ABNORMALITY_CODES}")
+        index[name] = e
+    return index
+
+
+def discover(cfg):
+    """All volumes of the source folder as jobs, plus the rejects found without opening a file."""
+    rex_dir = cfg.rex or os.path.join(cfg.src, "rexgroundingct")
+    rex = read_rex(rex_dir)
+    jobs, rejects = [], []
+    for src_split, meta_name in (("train", "train"), ("valid", "validation")):
+        folder = next((os.path.join(cfg.src, d) for d in (f"{src_split}_fixed", src_split)
+                       if os.path.isdir(os.path.join(cfg.src, d))), None)
+        if folder is None:
+            continue
+        meta = read_csv_rows(os.path.join(cfg.src, "metadata", f"{meta_name}_metadata.csv"),
+                             ["VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"])[0]
+        labels = read_labels(os.path.join(cfg.src, "multi_abnormality_labels", f"{src_split}_predicted_labels.csv"))
+        found = {}
+        for root, _, files in os.walk(folder):
+            for fn in files:
+                if fn.endswith((".nii.gz", ".nii")):
+                    found.setdefault(strip_ext(fn), []).append(os.path.join(root, fn))
+        for name in sorted(found, key=natural_key):
+            paths = found[name]
+            path = paths[0]
+            m = NAME_RE.match(name)
+            reason = None
+            if len(paths) > 1:
+                reason = f"duplicate volume name: found at {paths}; keep one copy"
+            elif not m or m.group(1) != src_split:
+                reason = f"name {name!r} is not {src_split}_<patient>_<scan>_<recon>; rename it as CT-RATE does"
+            elif len(meta.get(name, [])) != 1:
+                reason = (f"{len(meta.get(name, []))} rows for it in metadata/{meta_name}_metadata.csv "
+                          f"(need exactly one); add or deduplicate its row")
+            elif len(labels.get(name, [])) != 1:
+                reason = (f"{len(labels.get(name, []))} rows for it in multi_abnormality_labels/"
+                          f"{src_split}_predicted_labels.csv (need exactly one); add or deduplicate its row")
+            if reason:
+                rejects.append((name, path, reason))
+                continue
+            rel = os.path.relpath(path, folder)
+            anat = os.path.join(cfg.src, "ts_seg", "ts_total", os.path.basename(folder), rel)
+            entry = rex.get(name)
+            rex_path = os.path.join(rex_dir, "segmentations", name + ".nii.gz") if entry else None
+            jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=path,
+                             meta=meta[name][0], labels=labels[name][0],
+                             anat=anat if os.path.exists(anat) else None, rex=entry, rex_path=rex_path))
+    if not jobs and not rejects:
+        raise SystemExit(f"{cfg.src}: no volumes found under train_fixed/, valid_fixed/, train/ or valid/. "
+                         f"Point --src at a CT-RATE folder, or run `python phantom.py` first.")
+    return jobs, rejects
+
+
+def natural_key(s):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def assign_splits(jobs, cfg):
+    """Patient-level split: CT-RATE valid -> test; a seeded random set of train patients -> val."""
+    train_patients = sorted({j["patient"] for j in jobs if j["src_split"] == "train"}, key=natural_key)
+    n_val = min(cfg.val_patients, len(train_patients) // 5)
+    rng = np.random.default_rng(cfg.seed)
+    val = set(rng.permutation(train_patients)[:n_val].tolist()) if n_val else set()
+    for j in jobs:
+        j["split"] = "test" if j["src_split"] == "valid" else ("val" if j["patient"] in val else "train")
+
+
+# -----------------------------------------------------------------------------
+# 2. One volume: NIfTI -> HU, orientation, body crop, resampling, masks
+
+def load_nifti(path, what):
+    import nibabel as nib
+    try:
+        img = nib.load(path)
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+                     f"download it again")
+    return img, raw
+
+
+def parse_spacing(text):
+    vals = [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))]
+    return vals
+
+
+def hu_volume(img, raw, job, how):
+    """Raw stored values -> float32 HU. The header decides (DESIGN.md 2), the air check verifies."""
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    header_scaled = (slope, inter) != (1.0, 0.0)
+    source = how if how != "auto" else ("header" if header_scaled else "csv")
+    if source == "csv":
+        try:
+            slope, inter = float(job["meta"]["RescaleSlope"]), float(job["meta"]["RescaleIntercept"])
+        except ValueError:
+            raise Reject(f"{job['path']}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
+    hu = raw.astype(np.float32)
+    if not np.isfinite(hu).all():
+        raise Reject(f"{job['path']}: NaN or inf voxels; the file is damaged: download it again")
+    if hu.min() == hu.max():
+        raise Reject(f"{job['path']}: constant volume (every voxel {hu.flat[0]:g}); not an image")
+    hu = hu * np.float32(slope) + np.float32(inter)
+    # Verify: the image border is mostly air (-1000 HU). A constant fill outside the scanner's
+    # circular field of view (e.g. -3024) is ignored; noisy air is never one repeated value.
+    border = np.concatenate([hu[:4].ravel(), hu[-4:].ravel(), hu[:, :4].ravel(), hu[:, -4:].ravel()])
+    lo = border.min()
+    if lo < AIR_RANGE[0] and (border == lo).mean() > 0.01:
+        border = border[border != lo]
+    air = float(np.median(border)) if border.size else float("nan")
+    if not AIR_RANGE[0] <= air <= AIR_RANGE[1]:
+        raise Reject(f"{job['path']}: HU check failed: air at {air:.0f} HU after scaling from the {source} "
+                     f"(slope {slope:g}, intercept {inter:g}); expected {AIR_RANGE[0]:.0f}..{AIR_RANGE[1]:.0f}. "
+                     f"Try --hu={'header' if source == 'csv' else 'csv'} if this file's scaling is stored elsewhere")
+    return hu, source
+
+
+def geometry(img, job):
+    """In-plane and z spacing in mm, and whether array index z runs toward the head."""
+    aff = img.affine
+    header_known = not np.allclose(aff[:3, :3], np.eye(3))  # CT-RATE originals: identity = no spacing
+    csv_xy, csv_z = parse_spacing(job["meta"]["XYSpacing"]), parse_spacing(job["meta"]["ZSpacing"])
+    csv_ok = len(csv_xy) >= 1 and len(csv_z) == 1 and min(csv_xy + csv_z) > 0
+    if header_known:
+        xy, z = float(img.header.get_zooms()[0]), float(img.header.get_zooms()[2])
+        if csv_ok and (abs(xy - csv_xy[0]) > SPACING_TOL * xy or abs(z - csv_z[0]) > SPACING_TOL * z):
+            raise Reject(f"{job['path']}: spacing disagreement: header says {xy:g} x {z:g} mm, metadata CSV says "
+                         f"{csv_xy[0]:g} x {csv_z[0]:g} mm; fix whichever is wrong")
+    elif csv_ok:
+        xy, z = csv_xy[0], csv_z[0]
+    else:
+        raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
+                     f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
+    # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
+    # (RAS); we flip such volumes so that slice 0 is always the most superior one.
+    return xy, z, aff[2, 2] > 0
+
+
+def body_box(hu, px_mm):
+    """One square box (y0, x0, side) around the body over all slices (DESIGN.md 7).
+    The opening removes the table and cables; it runs on a ~4 mm grid, where it is cheap."""
+    stride = max(1, int(4.0 / px_mm))
+    m = torch.from_numpy(np.ascontiguousarray(hu[:, ::stride, ::stride] > BODY_HU)).float()[:, None]  # (D,1,h,w)
+    k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
+    pool = lambda t: F.max_pool2d(t, k, stride=1, padding=k // 2)
+    opened = pool(-pool(-m))[:, 0].amax(0) > 0  # erosion then dilation, union over slices  (h, w)
+    ys, xs = torch.nonzero(opened, as_tuple=True)
+    if len(ys) == 0:
+        raise Reject("no body found: no region above -500 HU survives the opening")
+    y0, y1 = ys.min().item() * stride, (ys.max().item() + 1) * stride
+    x0, x1 = xs.min().item() * stride, (xs.max().item() + 1) * stride
+    side = max(y1 - y0, x1 - x0)
+    return (y0 + y1 - side) // 2, (x0 + x1 - side) // 2, side
+
+
+def crop(vol, y0, x0, side, fill):
+    """vol[:, y0:y0+side, x0:x0+side], padded with `fill` where the box leaves the image."""
+    D, H, W = vol.shape
+    out = np.full((D, side, side), fill, dtype=vol.dtype)
+    sy, sx = max(0, -y0), max(0, -x0)
+    ey, ex = min(side, H - y0), min(side, W - x0)
+    out[:, sy:ey, sx:ex] = vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex]
+    return out
+
+
+def z_positions(depth, z_src, z_mm):
+    """Fractional source indices of the resampled slices (centres aligned)."""
+    n = max(1, round(depth * z_src / z_mm))
+    return np.clip((np.arange(n) + 0.5) * z_mm / z_src - 0.5, 0, depth - 1)
+
+
+def resample_image(vol, zpos, size):
+    """(D, s, s) HU -> (n, size, size) int16: antialiased bilinear in-plane, linear in z."""
+    x = torch.from_numpy(vol)[:, None]
+    if vol.shape[1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x[:, 0]  # (D, size, size)
+    i0 = np.floor(zpos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, vol.shape[0] - 1)
+    w = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
+    x = x[i0] * (1 - w) + x[i1] * w  # (n, size, size)
+    return x.round().clamp(-32768, 32767).to(torch.int16).numpy()
+
+
+def resample_mask(vol, zpos, size):
+    """Label map (D, s, s) -> (n, size, size) by nearest neighbour (labels must not blend)."""
+    s = vol.shape[1]
+    idx = np.minimum(((np.arange(size) + 0.5) * s / size).astype(np.int64), s - 1)
+    return vol[np.round(zpos).astype(np.int64)][:, idx][:, :, idx]
+
+
+def orient(arr, flip_z):
+    """NIfTI (X, Y, Z) -> (Z, Y, X) slices, slice 0 most superior."""
+    arr = arr.transpose(2, 1, 0)
+    return arr[::-1] if flip_z else arr
+
+
+def process_volume(job, cfg):
+    """One CT-RATE volume -> dict of arrays and its table row. Raises Reject."""
+    img, raw = load_nifti(job["path"], "image")
+    if raw.ndim != 3:
+        raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
+    hu, hu_source = hu_volume(img, raw, job, cfg.hu)
+    px_mm, z_src, flip_z = geometry(img, job)
+    labels = []
+    for c in LABELS:
+        v = job["labels"][c].strip()
+        if v not in ("0", "1", "0.0", "1.0"):
+            raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
+        labels.append(int(float(v)))
+    vol = orient(hu, flip_z)  # (D, Y, X)
+    y0, x0, side = body_box(vol, px_mm)
+    zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
+    slices = resample_image(crop(vol, y0, x0, side, -1024.0), zpos, cfg.size)  # (n, size, size)
+    n = len(zpos)
+    anatomy = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint8)
+    if job["anat"]:
+        aimg, a = load_nifti(job["anat"], "anatomy mask")
+        if a.shape != raw.shape:
+            raise Reject(f"{job['anat']}: anatomy mask shape {a.shape} does not match its image {raw.shape}; "
+                         f"regenerate the TotalSegmentator mask for this volume")
+        if a.min() < 0 or a.max() >= N_ANATOMY:
+            raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
+        anatomy = resample_mask(crop(orient(a.astype(np.uint8), flip_z), y0, x0, side, 0), zpos, cfg.mask_size)
+    abnormal = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint16)
+    entry = job["rex"]
+    if entry and entry.get("categories"):
+        if not os.path.exists(job["rex_path"]):
+            raise Reject(f"{job['rex_path']}: dataset.json lists findings for {job['name']} but the mask file is "
+                         f"missing; restore it or drop the entry")
+        _, r = load_nifti(job["rex_path"], "abnormality mask")
+        r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z)
+        if r.ndim != 4 or r.shape[1:] != raw.shape:
+            raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
+                         f"(expected (findings, X, Y, Z))")
+        bits = np.zeros(raw.shape, np.uint16)
+        for f, code in entry["categories"].items():
+            if int(f) >= r.shape[0]:
+                raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
+                             f"{r.shape[0]} channel(s)")
+            bits |= (r[int(f)] > 0).astype(np.uint16) << ABNORMALITY_CODES.index(code)
+        abnormal = resample_mask(crop(orient(bits, flip_z), y0, x0, side, 0), zpos, cfg.mask_size)
+    depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
+    depth = np.stack([depth_mm, depth_mm / max(depth_mm[-1], 1e-6)], 1).astype(np.float32)  # (n, 2)
+    row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
+               mm_per_px=side * px_mm / cfg.size, labels=labels, has_anatomy=job["anat"] is not None,
+               has_abnormality=entry is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
+               src_shape=list(raw.shape), flip_z=bool(flip_z), box=[int(y0), int(x0), int(side)])
+    return dict(slices=slices, anatomy=np.ascontiguousarray(anatomy), abnormal=np.ascontiguousarray(abnormal),
+                depth=depth, row=row)
+
+
+# -----------------------------------------------------------------------------
+# 3. Staging: one file per finished volume, so a re-run continues where it stopped
+
+def staged_path(stage, name):
+    return os.path.join(stage, name + ".npz")
+
+
+def work(args):
+    """Worker: prepare one volume into the staging folder. Returns (name, None) or (name, reason)."""
+    job, cfg, stage = args
+    torch.set_num_threads(1)
+    try:
+        out = process_volume(job, cfg)
+    except Reject as e:
+        return job["name"], job["path"], str(e)
+    except MemoryError:
+        return job["name"], job["path"], "out of memory while preparing it; use fewer --workers"
+    tmp = staged_path(stage, job["name"]) + ".tmp.npz"
+    np.savez(tmp, slices=out["slices"], anatomy=out["anatomy"], abnormal=out["abnormal"], depth=out["depth"],
+             row=np.frombuffer(json.dumps(out["row"]).encode(), np.uint8))
+    os.replace(tmp, staged_path(stage, job["name"]))  # atomic: a staged file is always whole
+    return job["name"], job["path"], None
+
+
+def estimate_slices(job, cfg):
+    """Output slice count of a volume from its header and CSV alone (for the disk check)."""
+    import nibabel as nib
+    try:
+        img = nib.load(job["path"])
+        depth = img.shape[2]
+        z = float(img.header.get_zooms()[2]) if not np.allclose(img.affine[:3, :3], np.eye(3)) \
+            else parse_spacing(job["meta"]["ZSpacing"])[0]
+        return max(1, round(depth * z / cfg.z_mm))
+    except Exception:
+        return 0  # unreadable: it will be rejected with its reason when processed
+
+
+def bytes_per_slice(cfg):
+    return cfg.size ** 2 * 2 + cfg.mask_size ** 2 * 3 + 8
+
+
+def human(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# -----------------------------------------------------------------------------
+# 4. Assembly: staged volumes -> one memory map per array per split, manifest last
+
+SPLITS = ("train", "val", "test")
+ARRAYS = {"slices": ("slices.i16", np.int16), "anatomy": ("anatomy.u8", np.uint8),
+          "abnormal": ("abnormal.u16", np.uint16), "depth": ("depth.f32", np.float32)}
+
+
+def array_shapes(size, mask_size):
+    """Per-slice shape of each array of a split."""
+    return {"slices": (size, size), "anatomy": (mask_size, mask_size), "abnormal": (mask_size, mask_size),
+            "depth": (2,)}
+
+
+def assemble(cfg, stage, names_by_split, params):
+    counts = {}
+    for split in SPLITS:
+        names = sorted(names_by_split.get(split, []), key=natural_key)
+        tmp_dir = os.path.join(cfg.out, split + ".tmp")
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        os.makedirs(tmp_dir)
+        staged = [np.load(staged_path(stage, n)) for n in names]  # lazy: arrays are read on access
+        total = sum(len(s["depth"]) for s in staged)
+        shapes = array_shapes(cfg.size, cfg.mask_size)
+        # np.memmap cannot map zero bytes: an empty split still gets a one-row file (the manifest says 0).
+        maps = {k: np.memmap(os.path.join(tmp_dir, fn), dt, "w+", shape=(max(total, 1), *shapes[k]))
+                for k, (fn, dt) in ARRAYS.items()}
+        rows, start = [], 0
+        for s in staged:
+            row = json.loads(bytes(s["row"]))
+            n = row["count"]
+            for k in ARRAYS:
+                maps[k][start:start + n] = s[k]
+            rows.append(dict(row, start=start))
+            start += n
+        for m in maps.values():
+            m.flush()
+        del maps
+        with open(os.path.join(tmp_dir, "volumes.json"), "w") as f:
+            json.dump(rows, f)
+        final = os.path.join(cfg.out, split)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp_dir, final)
+        counts[split] = dict(volumes=len(rows), slices=total, patients=len({r["patient"] for r in rows}))
+    manifest = dict(format="dale-ct-prepared", **params, labels=LABELS,
+                    abnormality_codes=ABNORMALITY_CODES, n_anatomy=N_ANATOMY, splits=counts,
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = os.path.join(cfg.out, "manifest.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.out, "manifest.json"))  # last, atomic: now it is a dataset
+    return manifest
+
+
+def write_rejects(cfg, rejects):
+    with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", "path", "reason"])
+        w.writerows(sorted(rejects))
+
+
+def prepare(cfg, progress=True):
+    """The whole stage. Returns the manifest (dict)."""
+    from tqdm import tqdm
+    if cfg.hu not in ("auto", "header", "csv"):
+        raise SystemExit(f"--hu={cfg.hu}: use auto, header or csv")
+    params = dict(src=os.path.abspath(cfg.src), z_mm=cfg.z_mm, size=cfg.size, mask_size=cfg.mask_size,
+                  hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
+                  seed=cfg.seed, version=FORMAT_VERSION)
+    os.makedirs(cfg.out, exist_ok=True)
+    manifest_path = os.path.join(cfg.out, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            old = json.load(f)
+        if all(old.get(k) == v for k, v in params.items()):
+            print(f"{cfg.out}: already prepared with these settings ({manifest_path}); nothing to do")
+            return old
+        raise SystemExit(f"{cfg.out} holds a dataset prepared with other settings; choose another --out "
+                         f"or delete that folder")
+    stage = os.path.join(cfg.out, ".staging")
+    os.makedirs(stage, exist_ok=True)
+    params_path = os.path.join(stage, "params.json")
+    if os.path.exists(params_path):
+        with open(params_path) as f:
+            if json.load(f) != params:
+                raise SystemExit(f"{stage} holds an interrupted run with other settings; rerun with those "
+                                 f"settings to finish it, or delete {stage}")
+    else:
+        with open(params_path, "w") as f:
+            json.dump(params, f)
+
+    jobs, rejects = discover(cfg)
+    assign_splits(jobs, cfg)
+    done = {j["name"] for j in jobs if os.path.exists(staged_path(stage, j["name"]))}
+    todo = [j for j in jobs if j["name"] not in done]
+    # Disk: the staged copies plus the final arrays must fit.
+    per_slice = bytes_per_slice(cfg)
+    need_final = sum(estimate_slices(j, cfg) for j in jobs) * per_slice
+    need_stage = sum(estimate_slices(j, cfg) for j in todo) * per_slice
+    free = shutil.disk_usage(cfg.out).free
+    print(f"{len(jobs)} volumes ({len(done)} already staged, {len(rejects)} rejected up front); "
+          f"estimated output {human(need_final)} + {human(need_stage)} staging; free {human(free)}")
+    if need_final + need_stage > 0.95 * free:
+        raise SystemExit(f"{cfg.out}: not enough disk: need about {human(need_final + need_stage)}, "
+                         f"{human(free)} free. Free space, pick another --out, or lower --size")
+    if rejects and cfg.strict:
+        name, path, reason = rejects[0]
+        raise SystemExit(f"rejected {name}: {reason} (--strict)")
+
+    args = [(j, cfg, stage) for j in todo]
+    bar = tqdm(total=len(todo), unit="vol", disable=not progress, desc="prepare")
+    if cfg.workers > 1 and len(todo) > 1:
+        pool = get_context("spawn").Pool(cfg.workers)
+        results = pool.imap_unordered(work, args)
+    else:
+        pool, results = None, map(work, args)
+    try:
+        for name, path, reason in results:
+            bar.update()
+            if reason:
+                rejects.append((name, path, reason))
+                tqdm.write(f"rejected {name}: {reason}") if progress else None
+                if cfg.strict:
+                    raise SystemExit(f"rejected {name}: {reason} (--strict)")
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    rejected = {r[0] for r in rejects}
+    by_split = {}
+    for j in jobs:
+        if j["name"] not in rejected:
+            by_split.setdefault(j["split"], []).append(j["name"])
+    write_rejects(cfg, rejects)
+    manifest = assemble(cfg, stage, by_split, params)
+    if not cfg.keep_staging:
+        shutil.rmtree(stage)
+    s = manifest["splits"]
+    print("prepared " + ", ".join(f"{k} {v['volumes']} volumes / {v['slices']} slices" for k, v in s.items())
+          + f"; rejected {len(rejects)}" + (f" (see {os.path.join(cfg.out, 'rejects.csv')})" if rejects else ""))
+    return manifest
+
+
+# -----------------------------------------------------------------------------
+# 5. The reader: what train.py and probe.py use
+
+class PreparedError(Exception):
+    """A prepared folder that cannot be read; the message says why and what to do."""
+
+
+class PreparedSplit:
+    """One split of a prepared folder, memory-mapped: nothing is loaded until indexed."""
+
+    def __init__(self, root, split):
+        path = os.path.join(root, "manifest.json")
+        if not os.path.exists(path):
+            raise PreparedError(f"{root}: no manifest.json, so not a finished prepared dataset "
+                                f"(run `python prepare.py --out={root}`, or let an interrupted run finish)")
+        with open(path) as f:
+            self.manifest = manifest = json.load(f)
+        if manifest.get("format") != "dale-ct-prepared" or manifest.get("version") != FORMAT_VERSION:
+            raise PreparedError(f"{path}: format {manifest.get('format')} v{manifest.get('version')}, this code "
+                                f"reads dale-ct-prepared v{FORMAT_VERSION}; prepare the data again")
+        if split not in manifest["splits"]:
+            raise PreparedError(f"{root}: no split {split!r}; it has {list(manifest['splits'])}")
+        d = os.path.join(root, split)
+        with open(os.path.join(d, "volumes.json")) as f:
+            rows = json.load(f)
+        self.split, self.rows = split, rows
+        S, size, m = manifest["splits"][split]["slices"], manifest["size"], manifest["mask_size"]
+        shapes = array_shapes(size, m)
+        for k, (fn, dt) in ARRAYS.items():
+            setattr(self, k, np.memmap(os.path.join(d, fn), dt, "r", shape=(max(S, 1), *shapes[k]))[:S])
+        self.depth_mm, self.depth_pos = self.depth[:, 0], self.depth[:, 1]
+        self.names = [r["name"] for r in rows]
+        self.patients = [r["patient"] for r in rows]
+        self.start = np.array([r["start"] for r in rows], np.int64)
+        self.count = np.array([r["count"] for r in rows], np.int64)
+        self.z_mm = np.array([r["z_mm"] for r in rows], np.float32)
+        self.mm_per_px = np.array([r["mm_per_px"] for r in rows], np.float32)
+        self.labels = np.array([r["labels"] for r in rows], np.float32).reshape(len(rows), len(LABELS))
+        self.has_anatomy = np.array([r["has_anatomy"] for r in rows], bool)
+        self.has_abnormality = np.array([r["has_abnormality"] for r in rows], bool)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def volume(self, i):
+        return slice(int(self.start[i]), int(self.start[i] + self.count[i]))
+
+
+def open_split(root, split):
+    return PreparedSplit(root, split)
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    t0 = time.time()
+    prepare(cfg, progress=sys.stderr.isatty())
+    print(f"done in {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except KeyboardInterrupt:
+        sys.exit("interrupted: finished volumes are staged; run the same command again to continue")

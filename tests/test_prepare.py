@@ -1,0 +1,296 @@
+"""prepare.py: phantom -> prepare -> reader round trip, bad inputs, resume."""
+import csv
+import gzip
+import json
+import os
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import prepare
+from phantom import write_phantom
+from prepare import LABELS, Config, open_split, PreparedError
+
+SMALL = dict(train_patients=8, valid_patients=3, size=48, slices=16, seed=3, rex_frac=0.3, workers=1)
+
+
+def cfg_for(src, out, **kw):
+    return Config(src=str(src), out=str(out), z_mm=kw.pop("z_mm", 4.0), size=kw.pop("size", 40),
+                  mask_size=kw.pop("mask_size", 20), workers=kw.pop("workers", 1), **kw)
+
+
+@pytest.fixture(scope="session")
+def phantom_src(tmp_path_factory):
+    src = tmp_path_factory.mktemp("phantom")
+    write_phantom(str(src), **SMALL)
+    return src
+
+
+@pytest.fixture(scope="session")
+def prepared(phantom_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    return out
+
+
+def all_rows(root):
+    return [r for s in ("train", "val", "test") for r in open_split(root, s).rows]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return {prepare.strip_ext(r["VolumeName"]): r for r in csv.DictReader(f)}
+
+
+def image_path(src, name):
+    split, p, scan, _ = name.split("_")
+    return os.path.join(src, f"{split}_fixed", f"{split}_{p}", f"{split}_{p}_{scan}", name + ".nii.gz")
+
+
+def test_hu_values_match_nibabel_and_csv(phantom_src, prepared):
+    """Rebuild a few prepared slices straight from nibabel + the CSV and compare."""
+    checked = set()
+    for split in ("train", "test"):
+        ds = open_split(prepared, split)
+        meta = read_csv(os.path.join(phantom_src, "metadata",
+                                     ("train" if split == "train" else "validation") + "_metadata.csv"))
+        for i in range(len(ds)):
+            row = ds.rows[i]
+            img = nib.load(image_path(phantom_src, row["name"]))
+            data = img.get_fdata(dtype=np.float32)  # nibabel applies any header scaling
+            header_scaled = not np.isnan(img.header["scl_slope"]) and img.header["scl_inter"] != 0
+            if not header_scaled:  # CT-RATE originals: the CSV carries the scaling
+                m = meta[row["name"]]
+                data = data * float(m["RescaleSlope"]) + float(m["RescaleIntercept"])
+            checked.add(header_scaled)
+            assert row["hu_source"] == ("header" if header_scaled else "csv")
+            vol = data.transpose(2, 1, 0)
+            vol = vol[::-1] if row["flip_z"] else vol
+            y0, x0, side = row["box"]
+            pad = np.full((vol.shape[0], side, side), -1024.0, np.float32)
+            ys, xs = slice(max(y0, 0), min(y0 + side, vol.shape[1])), slice(max(x0, 0), min(x0 + side, vol.shape[2]))
+            pad[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = vol[:, ys, xs]
+            src_z = row["src_spacing"][1]
+            if abs(src_z - ds.manifest["z_mm"]) > 1e-6:
+                continue  # exact comparison only where z is not interpolated
+            ref = F.interpolate(torch.from_numpy(pad)[:, None], size=(ds.manifest["size"],) * 2, mode="bilinear",
+                                antialias=True, align_corners=False)[:, 0].round()
+            got = torch.from_numpy(ds.slices[ds.volume(i)].astype(np.float32))
+            assert got.shape == ref.shape
+            assert (got - ref).abs().max() <= 1.0, row["name"]
+            # air outside the body (image corners) near -1000 HU
+            assert abs(float(np.median(ds.slices[ds.volume(i)][:, :2, :2])) + 1000) < 60
+    assert checked == {True, False}, "phantom should exercise both HU paths"
+
+
+def test_labels_match_csv(phantom_src, prepared):
+    for split, src_split in (("train", "train"), ("val", "train"), ("test", "valid")):
+        ds = open_split(prepared, split)
+        rows = read_csv(os.path.join(phantom_src, "multi_abnormality_labels", f"{src_split}_predicted_labels.csv"))
+        assert len(ds) > 0
+        for i, name in enumerate(ds.names):
+            assert ds.labels[i].tolist() == [float(rows[name][c]) for c in LABELS]
+
+
+def test_masks_line_up_with_slices(prepared):
+    ds = open_split(prepared, "train")
+    size, m = ds.manifest["size"], ds.manifest["mask_size"]
+    hu = torch.from_numpy(ds.slices[:].astype(np.float32))[:, None]
+    hu_small = F.interpolate(hu, size=(m, m), mode="area")[:, 0].numpy()  # (S, m, m)
+    lung = np.isin(ds.anatomy, [10, 11, 12, 13, 14])
+    heart = ds.anatomy == 51
+    assert lung.sum() > 100 and heart.sum() > 20
+    assert np.median(hu_small[lung]) < -600     # lungs are dark
+    assert np.median(hu_small[heart]) > -150    # heart is soft tissue
+    # abnormality bits only where a volume has abnormality masks
+    for i in range(len(ds)):
+        if not ds.has_abnormality[i]:
+            assert ds.abnormal[ds.volume(i)].max() == 0
+    assert ds.abnormal.max() > 0
+
+
+def test_depth_and_table(prepared):
+    ds = open_split(prepared, "train")
+    for i in range(len(ds)):
+        d = ds.depth_pos[ds.volume(i)]
+        assert d[0] == 0 and (d[-1] == 1 or ds.count[i] == 1) and np.all(np.diff(d) > 0)
+        assert np.allclose(np.diff(ds.depth_mm[ds.volume(i)]), ds.z_mm[i])
+    assert ds.start[0] == 0 and np.all(ds.start[1:] == np.cumsum(ds.count)[:-1])
+    assert ds.count.sum() == len(ds.slices)
+
+
+def test_patient_split_has_no_leakage(prepared):
+    seen = {}
+    for split in ("train", "val", "test"):
+        for p in open_split(prepared, split).patients:
+            assert seen.setdefault(p, split) == split, f"{p} in {seen[p]} and {split}"
+    assert {s for s in seen.values()} == {"train", "val", "test"}
+
+
+def test_reader_refuses_folder_without_manifest(tmp_path, prepared):
+    with pytest.raises(PreparedError, match="no manifest"):
+        open_split(tmp_path, "train")
+    half = tmp_path / "half"
+    shutil.copytree(prepared, half)
+    os.remove(half / "manifest.json")  # as if the run stopped before the end
+    with pytest.raises(PreparedError, match="no manifest"):
+        open_split(half, "train")
+    with pytest.raises(PreparedError, match="no split"):
+        open_split(prepared, "nope")
+
+
+# -----------------------------------------------------------------------------
+# Bad inputs: each is rejected with its reason, and the rest is prepared
+
+def corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    names = sorted(read_csv(os.path.join(dst, "metadata", "train_metadata.csv")))
+    return names
+
+
+def rewrite_csv(path, fn):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols, rows = list(reader.fieldnames), list(reader)
+    cols, rows = fn(cols, rows)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def save_like(path, data, like, scaled=None):
+    img = nib.Nifti1Image(data, like.affine)
+    if scaled:
+        img.header.set_slope_inter(*scaled)
+    nib.save(img, path)
+
+
+def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
+    src = tmp_path / "src"
+    names = corrupt_copy(phantom_src, src)
+    bad = {}
+    # truncated .nii.gz
+    p = image_path(src, names[0]); blob = open(p, "rb").read(); open(p, "wb").write(blob[: len(blob) // 2])
+    bad[names[0]] = "truncated or corrupt"
+    # non-3D array
+    like = nib.load(image_path(src, names[1]))
+    save_like(image_path(src, names[1]), np.zeros(like.shape + (2,), np.int16), like)
+    bad[names[1]] = "expected a 3-D"
+    # NaN voxels
+    like = nib.load(image_path(src, names[2]))
+    data = np.asanyarray(like.dataobj.get_unscaled()).astype(np.float32); data[0, 0, 0] = np.nan
+    save_like(image_path(src, names[2]), data, like)
+    bad[names[2]] = "NaN or inf"
+    # constant volume
+    like = nib.load(image_path(src, names[3]))
+    save_like(image_path(src, names[3]), np.full(like.shape, 7, np.int16), like)
+    bad[names[3]] = "constant volume"
+    # HU check: values already in HU but no header scaling -> the CSV intercept shifts air to -2024
+    like = nib.load(image_path(src, names[4]))
+    hu = like.get_fdata() - (0 if like.dataobj.inter == -1024 else 1024)
+    save_like(image_path(src, names[4]), hu.astype(np.int16), like)  # no header scaling: the CSV's -1024 is applied again
+    bad[names[4]] = "HU check failed"
+    # mask whose shape does not match its image
+    anat = os.path.join(src, "ts_seg", "ts_total", os.path.relpath(image_path(src, names[5]), src))
+    like = nib.load(image_path(src, names[5]))
+    save_like(anat, np.zeros(tuple(s - 1 for s in like.shape), np.uint8), like)
+    bad[names[5]] = "does not match its image"
+    # missing metadata row, missing label row
+    rewrite_csv(os.path.join(src, "metadata", "train_metadata.csv"),
+                lambda c, r: (c, [x for x in r if prepare.strip_ext(x["VolumeName"]) != names[6]]))
+    bad[names[6]] = "0 rows for it in metadata"
+    rewrite_csv(os.path.join(src, "multi_abnormality_labels", "train_predicted_labels.csv"),
+                lambda c, r: (c, [x for x in r if prepare.strip_ext(x["VolumeName"]) != names[7]]))
+    bad[names[7]] = "0 rows for it in multi_abnormality_labels"
+    # duplicate name: the same file in a second folder
+    dup = os.path.join(src, "train_fixed", "extra", os.path.basename(image_path(src, names[8])))
+    os.makedirs(os.path.dirname(dup)); shutil.copy(image_path(src, names[8]), dup)
+    bad[names[8]] = "duplicate volume name"
+
+    out = tmp_path / "out"
+    manifest = prepare.prepare(cfg_for(src, out), progress=False)
+    with open(out / "rejects.csv", newline="") as f:
+        rejects = {r["name"]: r["reason"] for r in csv.DictReader(f)}
+    for name, reason in bad.items():
+        assert name in rejects, f"{name} should be rejected for {reason}"
+        assert reason in rejects[name], rejects[name]
+    assert set(rejects) == set(bad)
+    kept = {r["name"] for r in all_rows(out)}
+    assert not kept & set(bad)
+    assert sum(s["volumes"] for s in manifest["splits"].values()) == len(kept) > 0
+
+    # --strict: the first reject is fatal, and no dataset is written
+    with pytest.raises(SystemExit, match="strict"):
+        prepare.prepare(cfg_for(src, tmp_path / "strict", strict=True), progress=False)
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_unknown_label_column_is_fatal(phantom_src, tmp_path):
+    src = tmp_path / "src"
+    corrupt_copy(phantom_src, src)
+    rewrite_csv(os.path.join(src, "multi_abnormality_labels", "valid_predicted_labels.csv"),
+                lambda c, r: (c + ["Pneumothorax"], [dict(x, Pneumothorax=0) for x in r]))
+    with pytest.raises(SystemExit, match="unknown label column.*Pneumothorax"):
+        prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+
+
+# -----------------------------------------------------------------------------
+# Work is not lost: interrupt, resume, compare with an uninterrupted run
+
+def read_all(root):
+    out = {}
+    for split in ("train", "val", "test"):
+        ds = open_split(root, split)
+        out[split] = (ds.slices[:].copy(), ds.anatomy[:].copy(), ds.abnormal[:].copy(), ds.depth[:].copy(),
+                      json.dumps(ds.rows))
+    return out
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(phantom_src, prepared, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    real_work, calls = prepare.work, []
+
+    def flaky(args):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        calls.append(args[0]["name"])
+        return real_work(args)
+
+    monkeypatch.setattr(prepare, "work", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(PreparedError):
+        open_split(out, "train")
+    monkeypatch.setattr(prepare, "work", real_work)
+    redone = []
+    monkeypatch.setattr(prepare, "work", lambda a: (redone.append(a[0]["name"]), real_work(a))[1])
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert not set(redone) & set(calls), "staged volumes must not be prepared again"
+    a, b = read_all(out), read_all(prepared)
+    for split in a:
+        for x, y in zip(a[split], b[split]):
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+    # a re-run on a finished folder does nothing; other settings are refused
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    with pytest.raises(SystemExit, match="other settings"):
+        prepare.prepare(cfg_for(phantom_src, out, size=32), progress=False)
+
+
+def test_workers_give_the_same_output(phantom_src, prepared, tmp_path):
+    out = tmp_path / "out"
+    prepare.prepare(cfg_for(phantom_src, out, workers=2), progress=False)
+    a, b = read_all(out), read_all(prepared)
+    for split in a:
+        assert all(np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y for x, y in zip(a[split], b[split]))
+
+
+def test_disk_check_refuses_when_too_small(phantom_src, tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 99, 1))
+    with pytest.raises(SystemExit, match="not enough disk"):
+        prepare.prepare(cfg_for(phantom_src, tmp_path / "out"), progress=False)
