@@ -300,21 +300,40 @@ def geometry(img, job):
     return xy, z, aff[2, 2] > 0
 
 
+def window_count(m, k, axis):
+    """Set pixels of bool m in the length-k window (zeros outside) along `axis`, by a running sum.
+    uint8 wraps around, but differences of a wrapped running sum are exact while k < 256."""
+    r = k // 2
+    pad = [(0, 0)] * m.ndim
+    pad[axis] = (r + 1, r)
+    c = np.pad(m.view(np.uint8), pad).cumsum(axis, dtype=np.uint8)
+    n = c.shape[axis]
+    return np.take(c, range(k, n), axis) - np.take(c, range(0, n - k), axis)
+
+
+def erode(m, k):
+    """Binary erosion of each slice of m (D, h, w) by a k x k square (separable)."""
+    return (window_count(window_count(m, k, 1) == k, k, 2) == k)
+
+
+def dilate(m, k):
+    return window_count(window_count(m, k, 1) > 0, k, 2) > 0
+
+
 def body_box(hu, px_mm):
     """One square box (y0, x0, side) around the body over all slices (DESIGN.md 7).
-    The opening removes the table and cables; it runs on a ~4 mm grid, where it is cheap."""
+    A per-slice opening removes the table and cables; it runs on a ~4 mm grid, where it is cheap."""
     stride = max(1, int(4.0 / px_mm))
-    m = torch.from_numpy(np.ascontiguousarray(hu[:, ::stride, ::stride] > BODY_HU)).float()[:, None]  # (D,1,h,w)
+    m = hu[:, ::stride, ::stride] > BODY_HU  # (D, h, w)
     k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
-    pool = lambda t: F.max_pool2d(t, k, stride=1, padding=k // 2)
-    opened = pool(-pool(-m))[:, 0].amax(0) > 0  # erosion then dilation, union over slices  (h, w)
-    ys, xs = torch.nonzero(opened, as_tuple=True)
+    opened = dilate(erode(m, k), k).any(0)  # opening, then the union over slices  (h, w)
+    ys, xs = np.nonzero(opened)
     if len(ys) == 0:
         raise Reject("no body found: no region above -500 HU survives the opening")
-    y0, y1 = ys.min().item() * stride, (ys.max().item() + 1) * stride
-    x0, x1 = xs.min().item() * stride, (xs.max().item() + 1) * stride
+    y0, y1 = ys.min() * stride, (ys.max() + 1) * stride
+    x0, x1 = xs.min() * stride, (xs.max() + 1) * stride
     side = max(y1 - y0, x1 - x0)
-    return (y0 + y1 - side) // 2, (x0 + x1 - side) // 2, side
+    return int(y0 + y1 - side) // 2, int(x0 + x1 - side) // 2, int(side)
 
 
 def crop(vol, y0, x0, side, fill):
@@ -342,8 +361,8 @@ def resample_image(vol, zpos, size):
     i0 = np.floor(zpos).astype(np.int64)
     i1 = np.minimum(i0 + 1, vol.shape[0] - 1)
     w = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
-    x = x[i0] * (1 - w) + x[i1] * w  # (n, size, size)
-    return x.round().clamp(-32768, 32767).to(torch.int16).numpy()
+    x = torch.lerp(x[i0], x[i1], w)  # (n, size, size)
+    return x.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
 
 
 def resample_mask(vol, zpos, size):

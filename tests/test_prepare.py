@@ -294,3 +294,15 @@ def test_disk_check_refuses_when_too_small(phantom_src, tmp_path, monkeypatch):
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(100, 99, 1))
     with pytest.raises(SystemExit, match="not enough disk"):
         prepare.prepare(cfg_for(phantom_src, tmp_path / "out"), progress=False)
+
+
+def test_opening_equals_max_pool_reference():
+    """The summed-window erosion/dilation used for the body box equals max-pooling morphology."""
+    rng = np.random.default_rng(1)
+    for k in (1, 3, 7, 25):
+        m = rng.random((3, 37, 53)) > 0.25
+        t = torch.from_numpy(m).float()[:, None]
+        eroded = -F.max_pool2d(-F.pad(t, (k // 2,) * 4), k, stride=1)  # zeros outside the image
+        dilated = F.max_pool2d(t, k, stride=1, padding=k // 2)
+        assert np.array_equal(prepare.erode(m, k), eroded[:, 0].numpy() > 0)
+        assert np.array_equal(prepare.dilate(m, k), dilated[:, 0].numpy() > 0)
