@@ -1,0 +1,304 @@
+"""probe.py: metrics against scikit-learn, MIL poolings, the grid in one pass, selection that never
+reads test, the feature cache, and (when phantom.py is there) the whole evaluation end to end."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+import probe
+from model import build_vit
+from probe import Bags, ProbeConfig
+
+QUIET = lambda *a: None  # noqa: E731
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tensors here are tiny: a second OpenMP thread only adds synchronisation, and on a busy
+    # 2-core machine its spin-waits made these tests 30x slower (0.35 s -> 11 s measured).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+def test_metrics_match_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    V, C = 300, 6
+    y = rng.random((V, C)) < np.linspace(0.05, 0.6, C)
+    s = np.round(rng.random((V, C)) + 0.3 * y, 1)                    # rounding makes many ties
+    thr = rng.random(C)
+    for c in range(C):
+        assert probe.auroc(y[:, c], s[:, c]) == pytest.approx(roc_auc_score(y[:, c], s[:, c]), abs=1e-12)
+        assert probe.average_precision(y[:, c], s[:, c]) == pytest.approx(average_precision_score(y[:, c], s[:, c]), abs=1e-12)
+        pred = s[:, c] >= thr[c]
+        assert probe.f1(y[:, c], pred) == pytest.approx(f1_score(y[:, c], pred, zero_division=0), abs=1e-12)
+        assert probe.balanced_accuracy(y[:, c], pred) == pytest.approx(balanced_accuracy_score(y[:, c], pred), abs=1e-12)
+    assert probe.macro_auroc(y, s) == pytest.approx(roc_auc_score(y, s, average="macro"))
+    assert probe.macro_auprc(y, s) == pytest.approx(average_precision_score(y, s, average="macro"))
+    assert probe.macro_f1(y, s, thr) == pytest.approx(f1_score(y, s >= thr, average="macro", zero_division=0))
+    bacc = np.mean([balanced_accuracy_score(y[:, c], s[:, c] >= thr[c]) for c in range(C)])
+    assert probe.macro_balanced_accuracy(y, s, thr) == pytest.approx(bacc)
+    # all scores tied: chance level, and AP = prevalence
+    assert probe.auroc(y[:, 0], np.zeros(V)) == 0.5
+    assert probe.average_precision(y[:, 0], np.zeros(V)) == pytest.approx(average_precision_score(y[:, 0], np.zeros(V)))
+
+
+def test_f1_thresholds_are_optimal_on_validation():
+    rng = np.random.default_rng(1)
+    y = rng.random((80, 4)) < 0.3
+    s = np.round(rng.random((80, 4)) + 0.4 * y, 2)
+    thr = probe.best_f1_thresholds(y, s)
+    for c in range(4):
+        best = max(f1_score(y[:, c], s[:, c] >= t, zero_division=0) for t in np.unique(s[:, c]))
+        assert f1_score(y[:, c], s[:, c] >= thr[c]) == pytest.approx(best)
+
+
+def test_weighted_metrics_equal_materialised_resample():
+    # the bootstrap scores a resample through multiplicities; that must equal scoring the copy
+    rng = np.random.default_rng(2)
+    y, s = rng.random(60) < 0.3, np.round(rng.random(60), 1)
+    for _ in range(5):
+        idx = rng.integers(0, 60, 60)
+        w = np.bincount(idx, minlength=60)
+        assert probe.auroc(y, s, w) == pytest.approx(roc_auc_score(y[idx], s[idx]))
+        assert probe.average_precision(y, s, w) == pytest.approx(average_precision_score(y[idx], s[idx]))
+        assert probe.f1(y, s > 0.5, w) == pytest.approx(f1_score(y[idx], s[idx] > 0.5, zero_division=0))
+
+
+def test_bootstrap_interval_brackets_the_estimate_and_shrinks_with_data():
+    rng = np.random.default_rng(3)
+
+    def width(V):
+        y = rng.random((V, 5)) < 0.3
+        s = rng.random((3, V, 5)) + 0.5 * y                           # 3 seeds
+        lo, hi = probe.bootstrap_ci(y, s, "auroc", n_boot=300, seed=0)
+        point = np.mean([probe.macro_auroc(y, s[r]) for r in range(3)])
+        assert lo < point < hi
+        return hi - lo
+
+    assert width(1000) < width(100)
+
+
+def test_class_without_positives_is_reported_not_crashed():
+    rng = np.random.default_rng(4)
+    y = (rng.random((50, 18)) < 0.3).astype(np.float32)
+    y[:, 3] = 0                                                       # no positives
+    y[:, 5] = 1                                                       # no negatives
+    s = rng.random((50, 18))
+    rep = probe.classification_report(y, s, np.full(18, 0.5))
+    assert rep["excluded"] == {probe.LABELS[3]: "no positives", probe.LABELS[5]: "no negatives"}
+    assert len(rep["classes_in_macro"]) == 16 and probe.LABELS[3] not in rep["classes_in_macro"]
+    assert rep["per_class"][probe.LABELS[3]]["auroc"] is None
+    keep = [c for c in range(18) if c not in (3, 5)]
+    assert rep["macro"]["auroc"] == pytest.approx(roc_auc_score(y[:, keep], s[:, keep], average="macro"))
+    lo, hi = probe.bootstrap_ci(y, s, "auroc", n_boot=50)
+    assert np.isfinite([lo, hi]).all()
+    json.dumps(rep, allow_nan=False)                                  # no NaN sneaks into the JSON
+
+
+# ---------------------------------------------------------------------------------------------
+# MIL probes on synthetic bags
+
+def synthetic_bags(n_vol, D=16, C=3, seed=0, slices=(24, 48), signal=4.0):
+    """Bags of Gaussian noise; a positive volume of class c has ONE slice, at a random position,
+    shifted by `signal` along feature c. Max and attention pooling can find it; the average dilutes it."""
+    g = torch.Generator().manual_seed(seed)
+    count = torch.randint(slices[0], slices[1] + 1, (n_vol,), generator=g)
+    start = torch.cumsum(count, 0) - count
+    feats = torch.randn(int(count.sum()), D, generator=g)
+    labels = (torch.rand(n_vol, C, generator=g) < 0.4).float()
+    for v, c in labels.nonzero().tolist():
+        t = int(torch.randint(0, int(count[v]), (1,), generator=g))
+        feats[start[v] + t, c] += signal
+    return Bags(feats, start, count, labels)
+
+
+def test_max_and_attention_find_the_one_slice_average_does_not():
+    # one class: a single attention query can point at one direction (with several classes it must
+    # share itself between them, which is what max pooling does not need)
+    train, val = synthetic_bags(192, C=1, signal=5.0, seed=0), synthetic_bags(96, C=1, signal=5.0, seed=1)
+    run = probe.train_probe_grid(train, val, steps=400, evals=1, seed=0, log=QUIET)
+    y = val.labels.numpy()
+    best = {p: max(probe.macro_auroc(y, run.val_scores[-1, i, l]) for l in range(4)) for i, p in enumerate(run.poolings)}
+    assert best["max"] > 0.9 and best["attn"] > 0.9, best
+    assert best["avg"] < min(best["max"], best["attn"]) - 0.05, best
+
+
+def test_padding_is_masked():
+    # the same bag, alone or padded next to a longer one, gets the same logits from every pooling
+    bags = synthetic_bags(8, seed=5)
+    grid = probe.ProbeGrid(torch.zeros(16), torch.ones(16), 3, ("avg", "max", "attn"), 2)
+    torch.nn.init.normal_(grid.W), torch.nn.init.normal_(grid.q)
+    short = int(bags.count.argmin())
+    alone = grid(*bags.gather(torch.tensor([short])))
+    with_long = grid(*bags.gather(torch.tensor([short, int(bags.count.argmax())])))
+    torch.testing.assert_close(alone[:, :, 0], with_long[:, :, 0])
+
+
+def test_grid_in_one_pass_equals_each_probe_alone():
+    train, val = synthetic_bags(64, seed=2), synthetic_bags(16, seed=3)
+    kw = dict(steps=60, evals=3, seed=7, log=QUIET)
+    grid = probe.train_probe_grid(train, val, ("avg", "max", "attn"), (0.1, 0.03, 0.01, 0.003), **kw)
+    for pooling, lr in (("attn", 0.01), ("max", 0.1)):
+        one = probe.train_probe_grid(train, val, (pooling,), (lr,), **kw)
+        p, l = grid.poolings.index(pooling), grid.lrs.index(lr)
+        for e in range(3):
+            for k in ("W", "b"):
+                torch.testing.assert_close(one.states[e][k][0, 0], grid.states[e][k][p, l], atol=1e-5, rtol=1e-4)
+            if pooling == "attn":
+                torch.testing.assert_close(one.states[e]["q"][0], grid.states[e]["q"][l], atol=1e-5, rtol=1e-4)
+        np.testing.assert_allclose(one.val_scores[:, 0, 0], grid.val_scores[:, p, l], atol=1e-5)
+    # the probes really differ: they are not 12 copies of one
+    assert not torch.allclose(grid.states[-1]["W"][0, 0], grid.states[-1]["W"][0, 3])
+
+
+def test_benchmark_grid_vs_single(capsys):
+    # measured, not asserted: wall time on a shared CPU is noise; `python probe.py --bench` reports it too
+    r = probe.bench_grid_vs_single(D=192, n_vol=64, slices=48, steps=50, repeats=2)
+    assert r["grid_s"] > 0 and all(t > 0 for t in r["single_s"].values())
+    with capsys.disabled():
+        print(f"\n[probe grid] 12 probes in one pass {r['grid_s']:.3f} s; alone: "
+              + ", ".join(f"{k} {v:.3f} s" for k, v in r["single_s"].items())
+              + f"; grid/single {r['grid_over_single']:.2f}x, {r['speedup_vs_sequential']:.1f}x faster than 12 runs")
+
+
+def test_training_is_deterministic_per_seed():
+    train, val = synthetic_bags(48, seed=4), synthetic_bags(16, seed=5)
+    a, b, c = (probe.train_probe_grid(train, val, steps=30, evals=1, seed=s, log=QUIET) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a.val_scores, b.val_scores)
+    assert not np.array_equal(a.val_scores, c.val_scores)
+
+
+def test_selection_never_reads_test():
+    train, val, test = synthetic_bags(96, seed=6), synthetic_bags(48, seed=7), synthetic_bags(48, seed=8)
+    cfg = ProbeConfig(steps=80, evals=4)
+    sel, scores, rep = probe.evaluate_seed(train, val, test, cfg, seed=0, log=QUIET)
+    poisoned = Bags(test.feats, test.start, test.count, 1 - test.labels)  # every test label flipped
+    sel2, scores2, rep2 = probe.evaluate_seed(train, val, poisoned, cfg, seed=0, log=QUIET)
+    assert (sel.pooling, sel.lr, sel.step) == (sel2.pooling, sel2.lr, sel2.step)
+    np.testing.assert_array_equal(sel.thresholds, sel2.thresholds)
+    np.testing.assert_array_equal(scores, scores2)                   # same probe, same predictions
+    assert rep["macro"]["auroc"] > 0.7
+    assert rep2["macro"]["auroc"] == pytest.approx(1 - rep["macro"]["auroc"])  # only the reported metrics move
+    # the selection is the argmax of its own validation table
+    assert sel.val_macro_auprc == pytest.approx(sel.val_table.max())
+
+
+def test_depth_r2_reads_a_linear_direction():
+    rng = np.random.default_rng(9)
+
+    def split(n, informative):
+        d = rng.random(n)
+        x = rng.normal(size=(n, 32))
+        if informative:
+            x[:, 0] = 5 * d + 0.2 * x[:, 0]                           # depth lives along one direction
+        return x, d
+
+    good = probe.depth_r2(*split(2000, True), *split(500, True), *split(500, True))
+    bad = probe.depth_r2(*split(2000, False), *split(500, False), *split(500, False))
+    assert good["test_r2"] > 0.95 and bad["test_r2"] < 0.05          # ideal: 1 - 0.04 / (25 / 12) = 0.98
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature cache
+
+def test_feature_cache_reuse_invalidation_and_recovery(tmp_path, monkeypatch):
+    calls = []
+    real = probe.extract_features
+    monkeypatch.setattr(probe, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    vit = build_vit("tiny", img_size=32)
+    slices = np.random.default_rng(0).integers(-1000, 500, (10, 48, 48)).astype(np.int16)
+    ident = {"backbone": "aaa", "vit": "tiny", "img_size": 32, "data": "d0"}
+    get = lambda ident: probe.cached_features(tmp_path, "train", slices, vit, ident, img_size=32, batch_size=4)
+
+    first = np.array(get(ident))
+    assert len(calls) == 1 and first.shape == (10, 192) and np.isfinite(first).all()
+    folder = next((tmp_path / "features").iterdir())
+    stamp = (folder / "train.f16").stat().st_mtime_ns
+    np.testing.assert_array_equal(get(ident), first)                 # same checkpoint: reused
+    assert len(calls) == 1 and (folder / "train.f16").stat().st_mtime_ns == stamp
+    # the cached features are the model's (float16 rounding aside)
+    np.testing.assert_allclose(first, probe.extract_features(vit, slices, 32), atol=2e-2, rtol=1e-2)
+    calls.clear()
+
+    get({**ident, "backbone": "bbb"})                                 # another checkpoint: its own folder
+    assert len(calls) == 1 and len(list((tmp_path / "features").iterdir())) == 2
+    assert (folder / "train.f16").stat().st_mtime_ns == stamp          # the first one untouched
+    (folder / "train.json").unlink()                                  # an interrupted write: no meta
+    get(ident)
+    assert len(calls) == 2
+    with open(folder / "train.f16", "r+b") as f:                      # a truncated file with its meta
+        f.truncate(100)
+    np.testing.assert_array_equal(get(ident), first)
+    assert len(calls) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line and end to end
+
+def test_cli_rejects_unknown_and_parses_lists():
+    cfg = probe.parse_args(["--random_init", "--lrs=0.1,0.01", "--poolings=max", "--steps=5"])
+    assert cfg.random_init and cfg.lrs == (0.1, 0.01) and cfg.poolings == ("max",) and cfg.steps == 5
+    for bad in (["--random_init", "--stepz=5"], ["--random_init", "--poolings=sum"], []):
+        with pytest.raises(SystemExit):
+            probe.parse_args(bad)
+
+
+@pytest.fixture(scope="module")
+def prepared_phantom(tmp_path_factory):
+    phantom = pytest.importorskip("phantom")
+    import prepare
+    src, out = tmp_path_factory.mktemp("phantom"), tmp_path_factory.mktemp("prepared")
+    phantom.write_phantom(str(src), train_patients=10, valid_patients=4, size=48, slices=16, seed=0, workers=1)
+    prepare.prepare(prepare.Config(src=str(src), out=str(out), z_mm=4.0, size=32, mask_size=16, workers=1,
+                                   val_patients=3), progress=False)
+    return out
+
+
+def test_end_to_end_random_init(prepared_phantom, tmp_path):
+    args = [f"--data={prepared_phantom}", f"--out={tmp_path}", "--random_init", "--img_size=32", "--steps=40",
+            "--evals=2", "--seeds=2", "--n_boot=50", "--feat_batch=16"]
+    res = probe.main(args)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["auroc"]["mean"] == res["summary"]["auroc"]["mean"]
+    assert saved["backbone"]["kind"] == "random_init" and saved["config"]["steps"] == 40
+    assert saved["data"]["manifest"]["format"] == "dale-ct-prepared" and len(saved["seeds"]) == 2
+    assert set(saved["per_class"]) == set(probe.LABELS)
+    assert "Macros cover" in (tmp_path / "results.md").read_text()
+    n_folders = len(os.listdir(prepared_phantom / "features"))
+    probe.main(args)                                                  # second run: features reused
+    assert len(os.listdir(prepared_phantom / "features")) == n_folders
+
+
+def test_missing_split_and_bad_checkpoint_are_one_line_errors(prepared_phantom, tmp_path):
+    with pytest.raises(SystemExit, match="no manifest.json"):
+        probe.main([f"--data={tmp_path}", "--random_init"])
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": build_vit("tiny", img_size=32).state_dict() | {"extra.weight": torch.zeros(1)}}, bad)
+    with pytest.raises(SystemExit, match="cannot use .* as a backbone") as e:
+        probe.main([f"--data={prepared_phantom}", f"--ckpt={bad}", "--img_size=32"])
+    assert "\n" not in str(e.value)
+
+
+def test_loads_a_train_checkpoint_at_its_own_size(tmp_path):
+    # train.py saves {"model": backbone state dict (timm keys), "vit", "img_size", "config", ...};
+    # the size comes from the weights, whatever --vit says
+    torch.manual_seed(1)
+    vit = build_vit("tiny", img_size=64)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": vit.state_dict(), "projector": {}, "step": 3, "vit": "tiny", "img_size": 64,
+                "config": {"vit": "tiny", "global_size": 64}, "rng": {"torch": torch.get_rng_state()}}, path)
+    loaded, ident = probe.load_model(ProbeConfig(ckpt=str(path), vit="large", img_size=32))
+    assert loaded.embed_dim == 192 and ident["vit"] == "tiny" and ident["sha256"] == probe.file_sha256(path)
+    for k, v in vit.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(loaded.eval()(x)[0], vit.eval()(x)[0])  # 32 px input through a 64 px grid
