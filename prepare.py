@@ -259,15 +259,16 @@ def hu_volume(img, raw, job, how):
             slope, inter = float(job["meta"]["RescaleSlope"]), float(job["meta"]["RescaleIntercept"])
         except ValueError:
             raise Reject(f"{job['path']}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
-    hu = raw.astype(np.float32)
-    if not np.isfinite(hu).all():
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # integers cannot be NaN
         raise Reject(f"{job['path']}: NaN or inf voxels; the file is damaged: download it again")
-    if hu.min() == hu.max():
-        raise Reject(f"{job['path']}: constant volume (every voxel {hu.flat[0]:g}); not an image")
-    hu = hu * np.float32(slope) + np.float32(inter)
+    if raw.min() == raw.max():
+        raise Reject(f"{job['path']}: constant volume (every voxel {raw.flat[0]:g}); not an image")
+    hu = raw.astype(np.float32)
+    hu *= np.float32(slope)  # in place: the volume is the largest array we hold
+    hu += np.float32(inter)
     # Verify: the image border is mostly air (-1000 HU). A constant fill outside the scanner's
     # circular field of view (e.g. -3024) is ignored; noisy air is never one repeated value.
-    border = np.concatenate([hu[:4].ravel(), hu[-4:].ravel(), hu[:, :4].ravel(), hu[:, -4:].ravel()])
+    border = np.concatenate([hu[:2].ravel(), hu[-2:].ravel(), hu[:, :2].ravel(), hu[:, -2:].ravel()])
     lo = border.min()
     if lo < AIR_RANGE[0] and (border == lo).mean() > 0.01:
         border = border[border != lo]
@@ -365,11 +366,20 @@ def resample_image(vol, zpos, size):
     return x.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
 
 
-def resample_mask(vol, zpos, size):
-    """Label map (D, s, s) -> (n, size, size) by nearest neighbour (labels must not blend)."""
-    s = vol.shape[1]
-    idx = np.minimum(((np.arange(size) + 0.5) * s / size).astype(np.int64), s - 1)
-    return vol[np.round(zpos).astype(np.int64)][:, idx][:, :, idx]
+def resample_mask(arr, flip_z, box, zpos, size):
+    """Label map(s) in NIfTI order (..., X, Y, Z) -> (..., n, size, size) on the grid of the slices:
+    the same orientation, box and z positions, by nearest neighbour (labels must not blend).
+    One gather straight from the source, so nothing of the source's size is copied."""
+    X, Y, Z = arr.shape[-3:]
+    y0, x0, side = box
+    zi = np.round(zpos).astype(np.int64)
+    zi = Z - 1 - zi if flip_z else zi  # (n,)
+    grid = ((np.arange(size) + 0.5) * side / size).astype(np.int64)
+    yi, xi = y0 + grid, x0 + grid  # (size,) each; may leave the image where the box was padded
+    out = arr[..., np.clip(xi, 0, X - 1)[None, None, :], np.clip(yi, 0, Y - 1)[None, :, None], zi[:, None, None]]
+    outside = ((yi < 0) | (yi >= Y))[:, None] | ((xi < 0) | (xi >= X))[None, :]  # (size, size)
+    out[..., outside] = 0
+    return out  # (..., n, size, size)
 
 
 def orient(arr, flip_z):
@@ -404,7 +414,7 @@ def process_volume(job, cfg):
                          f"regenerate the TotalSegmentator mask for this volume")
         if a.min() < 0 or a.max() >= N_ANATOMY:
             raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
-        anatomy = resample_mask(crop(orient(a.astype(np.uint8), flip_z), y0, x0, side, 0), zpos, cfg.mask_size)
+        anatomy = resample_mask(a, flip_z, (y0, x0, side), zpos, cfg.mask_size).astype(np.uint8)
     abnormal = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint16)
     entry = job["rex"]
     if entry and entry.get("categories"):
@@ -416,13 +426,12 @@ def process_volume(job, cfg):
         if r.ndim != 4 or r.shape[1:] != raw.shape:
             raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
                          f"(expected (findings, X, Y, Z))")
-        bits = np.zeros(raw.shape, np.uint16)
+        small = resample_mask(r, flip_z, (y0, x0, side), zpos, cfg.mask_size) > 0  # (F, n, m, m)
         for f, code in entry["categories"].items():
             if int(f) >= r.shape[0]:
                 raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
                              f"{r.shape[0]} channel(s)")
-            bits |= (r[int(f)] > 0).astype(np.uint16) << ABNORMALITY_CODES.index(code)
-        abnormal = resample_mask(crop(orient(bits, flip_z), y0, x0, side, 0), zpos, cfg.mask_size)
+            abnormal |= small[int(f)].astype(np.uint16) << ABNORMALITY_CODES.index(code)
     depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
     depth = np.stack([depth_mm, depth_mm / max(depth_mm[-1], 1e-6)], 1).astype(np.float32)  # (n, 2)
     row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
