@@ -249,8 +249,10 @@ def parse_spacing(text):
     return vals
 
 
-def hu_volume(img, raw, job, how):
-    """Raw stored values -> float32 HU. The header decides (DESIGN.md 2), the air check verifies."""
+def hu_scaling(img, raw, job, how):
+    """(slope, intercept, source) that turn the stored values into HU. The header decides
+    (DESIGN.md 2), the air check verifies. Works on the raw array: the volume is converted to
+    float only inside the body box, later."""
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     header_scaled = (slope, inter) != (1.0, 0.0)
     source = how if how != "auto" else ("header" if header_scaled else "csv")
@@ -259,16 +261,16 @@ def hu_volume(img, raw, job, how):
             slope, inter = float(job["meta"]["RescaleSlope"]), float(job["meta"]["RescaleIntercept"])
         except ValueError:
             raise Reject(f"{job['path']}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
+    if not slope > 0:
+        raise Reject(f"{job['path']}: rescale slope {slope:g} from the {source}; expected a positive number")
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # integers cannot be NaN
         raise Reject(f"{job['path']}: NaN or inf voxels; the file is damaged: download it again")
     if raw.min() == raw.max():
         raise Reject(f"{job['path']}: constant volume (every voxel {raw.flat[0]:g}); not an image")
-    hu = raw.astype(np.float32)
-    hu *= np.float32(slope)  # in place: the volume is the largest array we hold
-    hu += np.float32(inter)
     # Verify: the image border is mostly air (-1000 HU). A constant fill outside the scanner's
     # circular field of view (e.g. -3024) is ignored; noisy air is never one repeated value.
-    border = np.concatenate([hu[:2].ravel(), hu[-2:].ravel(), hu[:, :2].ravel(), hu[:, -2:].ravel()])
+    border = np.concatenate([raw[:2].ravel(), raw[-2:].ravel(), raw[:, :2].ravel(), raw[:, -2:].ravel()])
+    border = border.astype(np.float32) * slope + inter
     lo = border.min()
     if lo < AIR_RANGE[0] and (border == lo).mean() > 0.01:
         border = border[border != lo]
@@ -277,7 +279,7 @@ def hu_volume(img, raw, job, how):
         raise Reject(f"{job['path']}: HU check failed: air at {air:.0f} HU after scaling from the {source} "
                      f"(slope {slope:g}, intercept {inter:g}); expected {AIR_RANGE[0]:.0f}..{AIR_RANGE[1]:.0f}. "
                      f"Try --hu={'header' if source == 'csv' else 'csv'} if this file's scaling is stored elsewhere")
-    return hu, source
+    return slope, inter, source
 
 
 def geometry(img, job):
@@ -321,11 +323,12 @@ def dilate(m, k):
     return window_count(window_count(m, k, 1) > 0, k, 2) > 0
 
 
-def body_box(hu, px_mm):
-    """One square box (y0, x0, side) around the body over all slices (DESIGN.md 7).
-    A per-slice opening removes the table and cables; it runs on a ~4 mm grid, where it is cheap."""
+def body_box(vol, px_mm, body_threshold):
+    """One square box (y0, x0, side) around the body over all slices (DESIGN.md 7); the body is
+    vol > body_threshold (BODY_HU in the units of vol). A per-slice opening removes the table and
+    cables; it runs on a ~4 mm grid, where it is cheap."""
     stride = max(1, int(4.0 / px_mm))
-    m = hu[:, ::stride, ::stride] > BODY_HU  # (D, h, w)
+    m = vol[:, ::stride, ::stride] > body_threshold  # (D, h, w)
     k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
     opened = dilate(erode(m, k), k).any(0)  # opening, then the union over slices  (h, w)
     ys, xs = np.nonzero(opened)
@@ -337,14 +340,17 @@ def body_box(hu, px_mm):
     return int(y0 + y1 - side) // 2, int(x0 + x1 - side) // 2, int(side)
 
 
-def crop(vol, y0, x0, side, fill):
-    """vol[:, y0:y0+side, x0:x0+side], padded with `fill` where the box leaves the image."""
+def crop_hu(vol, y0, x0, side, slope, inter):
+    """float32 HU of vol[:, y0:y0+side, x0:x0+side], air (-1024) where the box leaves the image."""
     D, H, W = vol.shape
-    out = np.full((D, side, side), fill, dtype=vol.dtype)
+    out = np.full((D, side, side), -1024.0, dtype=np.float32)
     sy, sx = max(0, -y0), max(0, -x0)
     ey, ex = min(side, H - y0), min(side, W - x0)
-    out[:, sy:ey, sx:ex] = vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex]
-    return out
+    inside = out[:, sy:ey, sx:ex]
+    inside[:] = vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex]
+    inside *= np.float32(slope)
+    inside += np.float32(inter)
+    return out  # (D, side, side)
 
 
 def z_positions(depth, z_src, z_mm):
@@ -393,7 +399,7 @@ def process_volume(job, cfg):
     img, raw = load_nifti(job["path"], "image")
     if raw.ndim != 3:
         raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
-    hu, hu_source = hu_volume(img, raw, job, cfg.hu)
+    slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
     px_mm, z_src, flip_z = geometry(img, job)
     labels = []
     for c in LABELS:
@@ -401,10 +407,10 @@ def process_volume(job, cfg):
         if v not in ("0", "1", "0.0", "1.0"):
             raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
         labels.append(int(float(v)))
-    vol = orient(hu, flip_z)  # (D, Y, X)
-    y0, x0, side = body_box(vol, px_mm)
+    vol = orient(raw, flip_z)  # (D, Y, X), stored values
+    y0, x0, side = body_box(vol, px_mm, (BODY_HU - inter) / slope)
     zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
-    slices = resample_image(crop(vol, y0, x0, side, -1024.0), zpos, cfg.size)  # (n, size, size)
+    slices = resample_image(crop_hu(vol, y0, x0, side, slope, inter), zpos, cfg.size)  # (n, size, size)
     n = len(zpos)
     anatomy = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint8)
     if job["anat"]:
@@ -584,8 +590,9 @@ def prepare(cfg, progress=True):
     todo = [j for j in jobs if j["name"] not in done]
     # Disk: the staged copies plus the final arrays must fit.
     per_slice = bytes_per_slice(cfg)
-    need_final = sum(estimate_slices(j, cfg) for j in jobs) * per_slice
-    need_stage = sum(estimate_slices(j, cfg) for j in todo) * per_slice
+    est = {j["name"]: estimate_slices(j, cfg) for j in jobs}
+    need_final = sum(est.values()) * per_slice
+    need_stage = sum(est[j["name"]] for j in todo) * per_slice
     free = shutil.disk_usage(cfg.out).free
     print(f"{len(jobs)} volumes ({len(done)} already staged, {len(rejects)} rejected up front); "
           f"estimated output {human(need_final)} + {human(need_stage)} staging; free {human(free)}")
