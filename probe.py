@@ -62,6 +62,7 @@ class ProbeConfig:
     n_boot: int = 1000             # bootstrap resamples of test volumes for the 95% intervals
     depth_max_slices: int = 200000 # train slices used to fit the depth ridge (random subset beyond)
     bench: bool = False            # only measure: extraction slices/s and grid vs single-probe time
+    compare: str = ""              # comma-separated result folders of earlier runs: print one table, no probing
 
 
 def parse_args(argv):
@@ -86,7 +87,7 @@ def parse_args(argv):
         sys.exit(f"probe.py: --poolings takes avg,max,attn and --lrs a list of floats, got {cfg.poolings} {cfg.lrs}")
     if cfg.img_size % PATCH:
         sys.exit(f"probe.py: --img_size={cfg.img_size} must be a multiple of the patch size {PATCH}")
-    if not cfg.bench and bool(cfg.ckpt) == cfg.random_init:
+    if not cfg.bench and not cfg.compare and bool(cfg.ckpt) == cfg.random_init:
         sys.exit("probe.py: give exactly one of --ckpt=PATH (a checkpoint to evaluate) or --random_init")
     return cfg
 
@@ -235,7 +236,15 @@ def classification_report(y, s, thresholds, names=None):
 
 
 def bootstrap_ci(y, scores, metric="auroc", thresholds=None, n_boot=1000, seed=0, level=0.95):
-    """Interval of a macro metric when the test volumes are resampled with replacement.
+    """Interval of a macro metric when the test volumes are resampled with replacement."""
+    out = bootstrap_samples(y, scores, metric, thresholds, n_boot, seed)
+    return tuple(float(q) for q in np.nanquantile(out, [(1 - level) / 2, (1 + level) / 2]))
+
+
+def bootstrap_samples(y, scores, metric="auroc", thresholds=None, n_boot=1000, seed=0):
+    """The macro metric on each of n_boot resamples of the test volumes, (n_boot,).
+    The resamples depend only on (seed, V): two models scored on the same test volumes get the
+    same resamples, so the difference of their samples is a paired bootstrap of the difference.
 
     y (V, C); scores (V, C) or (R, V, C) for R probe seeds, thresholds (C,) or (R, C) for f1/bacc.
     On each resample every seed is scored on the same volumes and the seeds' metrics are averaged,
@@ -256,8 +265,7 @@ def bootstrap_ci(y, scores, metric="auroc", thresholds=None, n_boot=1000, seed=0
         with warnings.catch_warnings():                             # all-NaN rows: a class-less resample
             warnings.simplefilter("ignore", RuntimeWarning)
             out.append(np.nanmean(per[..., classes], -1).mean(-1))  # (b,)
-    out = np.concatenate(out)
-    return tuple(float(q) for q in np.nanquantile(out, [(1 - level) / 2, (1 + level) / 2]))
+    return np.concatenate(out)
 
 
 def _num(x):
@@ -698,11 +706,69 @@ def write_results(res, out):
     return md
 
 
+def training_time(backbone):
+    """Seconds of the train.py run that wrote a checkpoint (its log.jsonl), or None."""
+    log = Path(backbone.get("path", "")).parent / "log.jsonl"
+    if backbone.get("kind") != "checkpoint" or not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return rows[-1].get("elapsed_s") if rows else None
+
+
+def compare(dirs, cfg):
+    """One table over earlier probe runs on the same test set, each row with its bootstrap 95% interval
+    and, against the row above it, the paired bootstrap interval of the AUROC difference."""
+    runs = []
+    for d in dirs:
+        try:
+            res = json.loads((Path(d) / "results.json").read_text())
+            sc = np.load(Path(d) / "test_scores.npz")
+        except FileNotFoundError as e:
+            sys.exit(f"probe.py --compare: {d} has no results ({e.filename}); run probe.py --out={d} first")
+        runs.append((d, res, sc))
+    names = [tuple(r[2]["names"]) for r in runs]
+    if len(set(names)) != 1:
+        sys.exit("probe.py --compare: the runs were scored on different test volumes; compare runs on one dataset")
+    y = runs[0][2]["labels"]
+    samples = [bootstrap_samples(y, r[2]["scores"], "auroc", None, cfg.n_boot, cfg.seed) for r in runs]
+    fmt = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    lines = ["| model | macro AUROC ± seed std [95% CI] | Δ AUROC vs row above [paired 95% CI] | macro AUPRC | "
+             "macro F1 | depth R² | pretraining |", "|---|---|---|---|---|---|---|"]
+    rows = []
+    for i, (d, res, sc) in enumerate(runs):
+        s, b = res["summary"], res["backbone"]
+        label = "random init" if b["kind"] == "random_init" else Path(b["path"]).parent.name
+        diff = None
+        if i:
+            delta = samples[i] - samples[i - 1]
+            diff = [float(s["auroc"]["mean"] - runs[i - 1][1]["summary"]["auroc"]["mean"]),
+                    *(float(q) for q in np.nanquantile(delta, [0.025, 0.975]))]
+        t = training_time(b)
+        rows.append({"run": d, "model": label, "summary": s, "depth_r2": res["depth"]["test_r2"],
+                     "delta_auroc": diff, "train_s": t})
+        lines.append(f"| {label} | {fmt(s['auroc'])} | "
+                     + (f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else "") + " | "
+                     + f"{s['auprc']['mean']:.3f} | {s['f1']['mean']:.3f} | {res['depth']['test_r2']:.3f} | "
+                     + (f"{t / 60:.1f} min" if t is not None else "") + " |")
+    res0 = runs[0][1]
+    lines += ["", f"Test: {len(y)} volumes, {res0['config']['seeds']} probe seeds, {cfg.n_boot} bootstrap resamples; "
+              f"probed on {res0['device']}."]
+    md = "\n".join(lines) + "\n"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(md)
+    (out / "comparison.json").write_text(json.dumps(rows, indent=1))
+    print(md)
+    return rows
+
+
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
     if cfg.bench:
         return benchmark(cfg)
+    if cfg.compare:
+        return compare(cfg.compare.split(","), cfg)
     t0, device = time.time(), pick_device(cfg.device)
     try:
         ds = {s: open_split(cfg.data, s) for s in SPLITS}
@@ -741,6 +807,8 @@ def main(argv=None):
            "summary": summary, "classes_in_macro": reports[0]["classes_in_macro"], "excluded": reports[0]["excluded"],
            "per_class": per_class, "seeds": seeds, "depth": depth, "time_s": time.time() - t0}
     print(write_results(res, cfg.out))
+    np.savez(Path(cfg.out) / "test_scores.npz", scores=np.stack(scores), thresholds=np.stack(thresholds),
+             labels=y, names=np.array(ds["test"].names))  # what --compare needs for paired intervals
     print(f"wrote {cfg.out}/results.json and results.md")
     return res
 

@@ -663,7 +663,8 @@ def main(argv=None):
         bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
     write = bar.write if bar else log
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    t_last, step_last, record = time.time(), start, None
+    t_start = t_last = time.time()
+    step_last, record = start, None
     sums = {}
     for step in range(start, stop):
         lr = get_lr(step, cfg)
@@ -698,7 +699,8 @@ def main(argv=None):
             sps = cfg.batch_size * (done - step_last) / dt
             record = {"step": done, **{k: round(float(v), 5) for k, v in zip(keys, vals)}, "lr": lr,
                       "grad_norm": round(float(grad_norm), 4), "slabs_per_s": round(sps, 2),
-                      "eta_s": round((stop - done) * dt / (done - step_last))}
+                      "eta_s": round((stop - done) * dt / (done - step_last)),
+                      "elapsed_s": round(time.time() - t_start, 1)}  # this run (a resume starts again at 0)
             if peak:
                 record["mfu"] = round(slab_flops * sps / (peak * world), 4)
                 record["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
