@@ -302,3 +302,25 @@ def test_loads_a_train_checkpoint_at_its_own_size(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[k], v)
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(loaded.eval()(x)[0], vit.eval()(x)[0])  # 32 px input through a 64 px grid
+
+
+def test_briefly_pretrained_beats_random_init(tmp_path):
+    """phantom -> prepare -> 80 steps of train.py (2S) -> probe, against a random-init backbone.
+    At this scale (90 patients, 2 probe seeds) macro AUROC differences are within noise (measured:
+    0.534 vs 0.528 and 0.495 vs 0.554 on two phantom seeds), so the assertion is on what 80 steps
+    do learn reliably: slice depth reads out linearly (R^2 0.77 -> 0.90 and 0.73 -> 0.88)."""
+    phantom = pytest.importorskip("phantom")
+    import prepare
+    import train
+    src, prep = tmp_path / "src", tmp_path / "prep"
+    phantom.write_phantom(str(src), train_patients=60, valid_patients=30, size=64, slices=30, seed=1, workers=1)
+    prepare.prepare(prepare.Config(src=str(src), out=str(prep), z_mm=5, size=64, mask_size=64, workers=1),
+                    progress=False)
+    train.main(["--config=phantom", f"--data={prep}", f"--out_dir={tmp_path / 'run'}", "--max_steps=80",
+                "--warmup_steps=10", "--log_every=20", "--device=cpu"])
+    common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200"]
+    floor = probe.main(common + ["--random_init", f"--out={tmp_path / 'random'}"])
+    trained = probe.main(common + [f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", f"--out={tmp_path / 'trained'}"])
+    assert trained["depth"]["test_r2"] > floor["depth"]["test_r2"] + 0.05
+    for res in (floor, trained):
+        assert 0.3 < res["summary"]["auroc"]["mean"] < 1.0
