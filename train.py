@@ -587,6 +587,23 @@ def bench(ds, cfg, model, pos_weight, device, n):
 
 # -----------------------------------------------------------------------------
 
+def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
+    """Use the Triton SIGReg only once it matches lejepa's PyTorch SIGReg on this GPU: a check of
+    about a second at startup (kernels/sigreg.py's own), so a kernel or Triton-version problem
+    costs speed, never a wrong loss. Tolerances: kernels/sigreg.py's GPU check."""
+    try:
+        from kernels.sigreg import check
+        worst = check(device, log=lambda *a: None)
+    except Exception as e:  # triton missing, a compile error on this GPU, ...
+        log(f"fused SIGReg unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"using the PyTorch path")
+        return False
+    ok = all(worst.get(k, float("inf")) < v for k, v in tol.items())
+    log(f"fused SIGReg check: worst relative error {', '.join(f'{k[6:]} {v:.1e}' for k, v in worst.items())} -> "
+        + ("using the Triton kernel" if ok else "MISMATCH, using the PyTorch path (run python kernels/sigreg.py)"))
+    return ok
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
@@ -603,12 +620,12 @@ def main(argv=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     master = rank == 0
-    lejepa.USE_FUSED = cfg.fused_sigreg
+    log = print if master else (lambda *a, **k: None)
+    lejepa.USE_FUSED = cfg.fused_sigreg and device.type == "cuda" and fused_sigreg_ok(device, log)
     if cfg.batch_size % (cfg.micro_batch * world):
         raise SystemExit(f"batch_size={cfg.batch_size} is not micro_batch={cfg.micro_batch} x {world} ranks x "
                          f"an integer accumulation; change micro_batch or batch_size")
     accum = cfg.batch_size // (cfg.micro_batch * world)
-    log = print if master else (lambda *a, **k: None)
     log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
 
     try:

@@ -330,7 +330,7 @@ def sigreg_fused(z, A, knots=17, t_max=3.0):
 # -----------------------------------------------------------------------------
 # 6. The check
 
-def check(device, shapes=((1, 37, 3, 33), (2, 300, 124, 256)), dtypes=(torch.float32, torch.bfloat16)):
+def check(device, shapes=((1, 37, 3, 33), (2, 300, 124, 256)), dtypes=(torch.float32, torch.bfloat16), log=print):
     """Fused vs lejepa.sigreg_torch on random non-Gaussian inputs: value, z-gradient, determinism.
     Returns the worst relative errors. tests/test_sigreg_kernel.py holds the same to tolerances."""
     worst = {}
@@ -349,7 +349,7 @@ def check(device, shapes=((1, 37, 3, 33), (2, 300, 124, 256)), dtypes=(torch.flo
             e_val = ((values[1] - values[0]).abs() / values[0].abs()).item()
             e_grad = ((grads[1] - grads[0]).abs().max() / grads[0].abs().max()).item()
             same = torch.equal(values[1], values[2]) and torch.equal(grads[1], grads[2])
-            print(f"V={V} N={N:5d} K={K:4d} M={M:4d} {str(dtype):15s} value {values[0].item():9.4f} "
+            log(f"V={V} N={N:5d} K={K:4d} M={M:4d} {str(dtype):15s} value {values[0].item():9.4f} "
                   f"rel err {e_val:.1e}  grad rel err {e_grad:.1e}  bitwise repeatable {same}")
             worst[str(dtype)] = max(worst.get(str(dtype), 0.0), e_val, e_grad, 0.0 if same else float("inf"))
     return worst

@@ -421,3 +421,18 @@ def test_bad_inputs(prepared, tmp_path):
     train.main(tiny_args(prepared, tmp_path / "o4", max_steps=1))
     one_line_error(tiny_args(prepared, tmp_path / "o4", max_steps=2, vit="small", resume="auto"), "vit")
     one_line_error(tiny_args(prepared, tmp_path / "o5", resume=str(tmp_path / "missing.pt")), "missing.pt")
+
+
+def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
+    """On CUDA the Triton SIGReg is switched on only when its startup check agrees with PyTorch."""
+    import kernels.sigreg as ks
+    lines = []
+    monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 1e-3})
+    assert train.fused_sigreg_ok("cuda", lines.append)
+    monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 0.5})
+    assert not train.fused_sigreg_ok("cuda", lines.append) and "MISMATCH" in lines[-1]
+
+    def broken(device, log=print):
+        raise RuntimeError("PTX compile failed")
+    monkeypatch.setattr(ks, "check", broken)
+    assert not train.fused_sigreg_ok("cuda", lines.append) and "PTX compile failed" in lines[-1]
