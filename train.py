@@ -29,6 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
+from dataclasses import replace as dataclass_replace
 
 import numpy as np
 import torch
@@ -113,6 +114,7 @@ class Config:
                                       # The schedule still follows max_steps: for time-limited jobs.
     resume: str = ""                  # "" = fresh start; "auto" = out_dir/ckpt.pt if it exists; or a path
     bench_data: int = 0               # > 0: time this many micro-batches of data and of model, then exit
+    picture: str = ""                 # a .png path: draw one training sample (slab, 2 global + 8 local views), then exit
 
 
 def parse_config(argv):
@@ -587,6 +589,85 @@ def bench(ds, cfg, model, pos_weight, device, n):
 
 # -----------------------------------------------------------------------------
 
+# -----------------------------------------------------------------------------
+# Pictures (matplotlib is optional: without it we say how to get it and carry on)
+
+def pyplot(log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        log("pictures need matplotlib: pip install matplotlib (skipped)")
+        return None
+
+
+def draw_sample(ds, cfg, path, log=print):
+    """One training sample as the model sees it: the slab's slices (centre framed) with the anatomy
+    mask, then the 2 global and n_local local views with the patch targets of the dense heads
+    (colour: the majority anatomy class of each 16 px patch; red boxes: patches with an abnormality)."""
+    plt = pyplot(log)
+    if plt is None:
+        return None
+    plan = plan_slabs(ds, cfg, 0, [0])
+    v = int(plan["vol"][0])
+    lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
+    slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
+    views = make_views(gather(ds, plan), dataclass_replace(cfg, variant="2s"), torch.device("cpu"))
+    ncol = max(len(slab), 2 + cfg.n_local // 2)
+    fig, axes = plt.subplots(3, ncol, figsize=(2 * ncol, 6.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for j, i in enumerate(slab):
+        ax = axes[0, j]
+        ax.imshow(ds.slices[i], cmap="gray", vmin=-1000, vmax=400)
+        m = ds.anatomy[i].astype(float)
+        ax.imshow(np.ma.masked_equal(m, 0), cmap="tab20", alpha=0.35, extent=(-0.5, ds.slices.shape[-1] - 0.5) * 2,
+                  interpolation="nearest")
+        ax.set_title(f"{ds.depth_mm[i] - ds.depth_mm[plan['centre'][0]]:+.0f} mm" + (" (centre)" if i == plan["centre"][0] else ""),
+                     fontsize=8)
+    shown = [("g", k, views["xg"][k, 0]) for k in range(2)] + [("l", k, views["xl"][k, 0]) for k in range(cfg.n_local)]
+    for n, (kind, k, img) in enumerate(shown):
+        ax = axes.flat[ncol + n]  # rows 2 and 3 (ncol >= 2 + n_local / 2 leaves room for all views)
+        size = img.shape[-1]
+        ax.imshow(img.numpy(), cmap="gray")
+        t = views["targets"][kind]
+        g = size // PATCH
+        anat = t["anat_patch"][k].view(g, g, -1)[..., 1:]  # (g, g, 117) without background
+        label = torch.where(anat.amax(-1) > 0.25, anat.argmax(-1) + 1, 0).float().numpy()
+        ax.imshow(np.ma.masked_equal(label, 0), cmap="tab20", alpha=0.3, extent=(-0.5, size - 0.5, size - 0.5, -0.5),
+                  interpolation="nearest")
+        for (r, c) in (t["abn_patch"][k].view(g, g, -1).amax(-1) > 0).nonzero().tolist():
+            ax.add_patch(plt.Rectangle((c * PATCH - 0.5, r * PATCH - 0.5), PATCH, PATCH, fill=False, color="red", lw=1))
+        ax.set_title(f"{'global' if kind == 'g' else 'local'} {k + 1}", fontsize=8)
+    fig.suptitle(f"{ds.names[v]}: a {cfg.slab_mm:g} mm slab, its views and their patch targets", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    log(f"wrote {path}")
+    return path
+
+
+def plot_losses(log_path, png, log=print):
+    """Loss curves of a run from its log.jsonl: total, invariance, SIGReg and the aux terms."""
+    plt = pyplot(log)
+    if plt is None or not os.path.exists(log_path):
+        return None
+    rows = [json.loads(line) for line in open(log_path) if line.strip()]
+    keys = [k for k in ("loss", "inv", "sigreg", "anat", "abn") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    log(f"wrote {png}")
+    return png
+
+
 def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
     """Use the Triton SIGReg only once it matches lejepa's PyTorch SIGReg on this GPU: a check of
     about a second at startup (kernels/sigreg.py's own), so a kernel or Triton-version problem
@@ -661,6 +742,8 @@ def main(argv=None):
     log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M parameters; "
         f"{world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
 
+    if cfg.picture:
+        return draw_sample(ds, cfg, cfg.picture, log)
     if cfg.bench_data:
         r = bench(ds, cfg, model, pos_weight, device, cfg.bench_data)
         log("bench: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
@@ -736,6 +819,7 @@ def main(argv=None):
         bar.close()
     if logf:
         logf.close()
+        plot_losses(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png"), log)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()

@@ -436,3 +436,29 @@ def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
         raise RuntimeError("PTX compile failed")
     monkeypatch.setattr(ks, "check", broken)
     assert not train.fused_sigreg_ok("cuda", lines.append) and "PTX compile failed" in lines[-1]
+
+
+def test_pictures_are_optional_and_drawn_when_possible(prepared, tmp_path, monkeypatch):
+    """--picture and the loss curve: with matplotlib a PNG; without it, one line saying how to get it."""
+    import builtins
+    ds = prepare.open_split(prepared, "train")
+    cfg = tiny_cfg(prepared)
+    lines = []
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "__import__", no_matplotlib)
+        assert train.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append) is None
+    assert "pip install matplotlib" in lines[-1] and not (tmp_path / "s.png").exists()
+    pytest.importorskip("matplotlib")
+    png = train.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "inv": 0.1, "sigreg": 2.0}) for s in (1, 2, 3)))
+    png = train.plot_losses(str(log), str(tmp_path / "loss.png"), lines.append)
+    assert os.path.getsize(png) > 1000
