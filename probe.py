@@ -706,6 +706,49 @@ def write_results(res, out):
     return md
 
 
+def plot_roc(y, scores, png, title, log=print):
+    """Test ROC curve of every class (scores: mean over probe seeds), macro AUROC in the title."""
+    from sklearn.metrics import roc_curve
+    from train import pyplot  # matplotlib is optional
+    plt = pyplot(log)
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(3, 6, figsize=(15, 7.8), sharex=True, sharey=True)
+    for c, (ax, name) in enumerate(zip(axes.flat, LABELS)):
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8)
+        if 0 < y[:, c].sum() < len(y):
+            fpr, tpr, _ = roc_curve(y[:, c], scores[:, c])
+            ax.plot(fpr, tpr, lw=1.2)
+            name += f"\nAUROC {auroc(y[:, c], scores[:, c]):.2f}"
+        else:
+            name += "\n(one class only)"
+        ax.set_title(name, fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def plot_comparison(rows, png, log=print):
+    """Macro AUROC of each compared model with its bootstrap 95% interval."""
+    from train import pyplot
+    plt = pyplot(log)
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(rows), 3.2))
+    for i, r in enumerate(rows):
+        m = r["summary"]["auroc"]
+        ax.errorbar(i, m["mean"], yerr=[[m["mean"] - m["ci95"][0]], [m["ci95"][1] - m["mean"]]], fmt="o", capsize=4)
+    ax.axhline(0.5, color="0.7", lw=0.8)
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows], fontsize=8)
+    ax.set_ylabel("macro AUROC (test, 95% CI)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
+
+
 def training_time(backbone):
     """Seconds of the train.py run that wrote a checkpoint (its log.jsonl), or None."""
     log = Path(backbone.get("path", "")).parent / "log.jsonl"
@@ -758,6 +801,7 @@ def compare(dirs, cfg):
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.md").write_text(md)
     (out / "comparison.json").write_text(json.dumps(rows, indent=1))
+    plot_comparison(rows, out / "comparison.png")
     print(md)
     return rows
 
@@ -809,6 +853,9 @@ def main(argv=None):
     print(write_results(res, cfg.out))
     np.savez(Path(cfg.out) / "test_scores.npz", scores=np.stack(scores), thresholds=np.stack(thresholds),
              labels=y, names=np.array(ds["test"].names))  # what --compare needs for paired intervals
+    plot_roc(y, np.stack(scores).mean(0), Path(cfg.out) / "roc.png",
+             f"{res['backbone']['kind']} ViT-{res['backbone']['vit']}: test ROC per class, "
+             f"macro AUROC {summary['auroc']['mean']:.3f}")
     print(f"wrote {cfg.out}/results.json and results.md")
     return res
 

@@ -1,5 +1,6 @@
 """probe.py: metrics against scikit-learn, MIL poolings, the grid in one pass, selection that never
 reads test, the feature cache, and (when phantom.py is there) the whole evaluation end to end."""
+import importlib.util
 import json
 import os
 
@@ -324,3 +325,13 @@ def test_briefly_pretrained_beats_random_init(tmp_path):
     assert trained["depth"]["test_r2"] > floor["depth"]["test_r2"] + 0.05
     for res in (floor, trained):
         assert 0.3 < res["summary"]["auroc"]["mean"] < 1.0
+    # the comparison table: one row per run, the paired difference on the second row
+    rows = probe.main([f"--compare={tmp_path / 'random'},{tmp_path / 'trained'}", f"--out={tmp_path / 'cmp'}",
+                       "--n_boot=200"])
+    assert [r["model"] for r in rows] == ["random init", "run"] and rows[0]["delta_auroc"] is None
+    diff, lo, hi = rows[1]["delta_auroc"]
+    assert diff == pytest.approx(trained["summary"]["auroc"]["mean"] - floor["summary"]["auroc"]["mean"])
+    assert lo <= hi and rows[1]["train_s"] > 0
+    assert (tmp_path / "cmp" / "comparison.md").read_text().count("\n| ") == 2  # one line per model
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "trained" / "roc.png").exists() and (tmp_path / "cmp" / "comparison.png").exists()
