@@ -408,7 +408,10 @@ def process_volume(job, cfg):
             raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
         labels.append(int(float(v)))
     vol = orient(raw, flip_z)  # (D, Y, X), stored values
-    y0, x0, side = body_box(vol, px_mm, (BODY_HU - inter) / slope)
+    try:
+        y0, x0, side = body_box(vol, px_mm, (BODY_HU - inter) / slope)
+    except Reject as e:
+        raise Reject(f"{job['path']}: {e}; is this a CT volume?")
     zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
     slices = resample_image(crop_hu(vol, y0, x0, side, slope, inter), zpos, cfg.size)  # (n, size, size)
     n = len(zpos)

@@ -211,6 +211,12 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     dup = os.path.join(src, "train_fixed", "extra", os.path.basename(image_path(src, names[8])))
     os.makedirs(os.path.dirname(dup)); shutil.copy(image_path(src, names[8]), dup)
     bad[names[8]] = "duplicate volume name"
+    # header spacing (a _fixed file) disagrees with the CSV
+    fixed = next(n for n in names[9:] if nib.load(image_path(src, n)).dataobj.inter == -1024)
+    rewrite_csv(os.path.join(src, "metadata", "train_metadata.csv"),
+                lambda c, r: (c, [dict(x, ZSpacing="9.5") if prepare.strip_ext(x["VolumeName"]) == fixed else x
+                                  for x in r]))
+    bad[fixed] = "spacing disagreement"
 
     out = tmp_path / "out"
     manifest = prepare.prepare(cfg_for(src, out), progress=False)
