@@ -36,6 +36,8 @@ import sys
 import time
 import zlib
 from dataclasses import asdict, dataclass, fields
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 import numpy as np
@@ -204,7 +206,8 @@ def discover(cfg):
                 rejects.append((name, path, reason))
                 continue
             rel = os.path.relpath(path, folder)
-            anat = os.path.join(cfg.src, "ts_seg", "ts_total", os.path.basename(folder), rel)
+            # masks live under {split}_fixed/ whichever copy of the images is read (DESIGN.md 2)
+            anat = os.path.join(cfg.src, "ts_seg", "ts_total", f"{src_split}_fixed", rel)
             entry = rex.get(name)
             rex_path = os.path.join(rex_dir, "segmentations", name + ".nii.gz") if entry else None
             jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=path,
@@ -235,10 +238,11 @@ def assign_splits(jobs, cfg):
 
 def load_nifti(path, what):
     import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
     try:
         img = nib.load(path)
         raw = np.asanyarray(img.dataobj.get_unscaled())
-    except (OSError, EOFError, zlib.error, ValueError) as e:
+    except (OSError, EOFError, zlib.error, ValueError, ImageFileError) as e:
         raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
                      f"download it again")
     return img, raw
@@ -299,8 +303,9 @@ def geometry(img, job):
         raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
                      f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
     # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
-    # (RAS); we flip such volumes so that slice 0 is always the most superior one.
-    return xy, z, aff[2, 2] > 0
+    # (RAS); we flip such volumes so that slice 0 is always the most superior one. An identity affine
+    # carries no direction: we then assume the same (index up = superior) and say so in the table.
+    return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
 
 
 def window_count(m, k, axis):
@@ -400,7 +405,7 @@ def process_volume(job, cfg):
     if raw.ndim != 3:
         raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
     slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
-    px_mm, z_src, flip_z = geometry(img, job)
+    px_mm, z_src, flip_z, z_dir = geometry(img, job)
     labels = []
     for c in LABELS:
         v = job["labels"][c].strip()
@@ -446,7 +451,7 @@ def process_volume(job, cfg):
     row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
                mm_per_px=side * px_mm / cfg.size, labels=labels, has_anatomy=job["anat"] is not None,
                has_abnormality=entry is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
-               src_shape=list(raw.shape), flip_z=bool(flip_z), box=[int(y0), int(x0), int(side)])
+               src_shape=list(raw.shape), flip_z=bool(flip_z), z_direction=z_dir, box=[int(y0), int(x0), int(side)])
     return dict(slices=slices, anatomy=np.ascontiguousarray(anatomy), abnormal=np.ascontiguousarray(abnormal),
                 depth=depth, row=row)
 
@@ -468,6 +473,8 @@ def work(args):
         return job["name"], job["path"], str(e)
     except MemoryError:
         return job["name"], job["path"], "out of memory while preparing it; use fewer --workers"
+    except Exception as e:  # one odd file must not stop a 50,000-volume run: reject it, say what happened
+        return job["name"], job["path"], f"unexpected {type(e).__name__} while preparing it: {e}"
     tmp = staged_path(stage, job["name"]) + ".tmp.npz"
     np.savez(tmp, slices=out["slices"], anatomy=out["anatomy"], abnormal=out["abnormal"], depth=out["depth"],
              row=np.frombuffer(json.dumps(out["row"]).encode(), np.uint8))
@@ -517,18 +524,22 @@ def assemble(cfg, stage, names_by_split, params):
         tmp_dir = os.path.join(cfg.out, split + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-        staged = [np.load(staged_path(stage, n)) for n in names]  # lazy: arrays are read on access
-        total = sum(len(s["depth"]) for s in staged)
+        counts_n = []
+        for n in names:  # first pass: sizes only (and never more than one file open: 50k volumes)
+            with np.load(staged_path(stage, n)) as s:
+                counts_n.append(len(s["depth"]))
+        total = sum(counts_n)
         shapes = array_shapes(cfg.size, cfg.mask_size)
         # np.memmap cannot map zero bytes: an empty split still gets a one-row file (the manifest says 0).
         maps = {k: np.memmap(os.path.join(tmp_dir, fn), dt, "w+", shape=(max(total, 1), *shapes[k]))
                 for k, (fn, dt) in ARRAYS.items()}
         rows, start = [], 0
-        for s in staged:
-            row = json.loads(bytes(s["row"]))
-            n = row["count"]
-            for k in ARRAYS:
-                maps[k][start:start + n] = s[k]
+        for name in names:
+            with np.load(staged_path(stage, name)) as s:
+                row = json.loads(bytes(s["row"]))
+                n = row["count"]
+                for k in ARRAYS:
+                    maps[k][start:start + n] = s[k]
             rows.append(dict(row, start=start))
             start += n
         for m in maps.values():
@@ -609,8 +620,9 @@ def prepare(cfg, progress=True):
     args = [(j, cfg, stage) for j in todo]
     bar = tqdm(total=len(todo), unit="vol", disable=not progress, desc="prepare")
     if cfg.workers > 1 and len(todo) > 1:
-        pool = get_context("spawn").Pool(cfg.workers)
-        results = pool.imap_unordered(work, args)
+        # a pool whose worker is killed (e.g. by the kernel's OOM killer) raises instead of hanging
+        pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"))
+        results = (f.result() for f in as_completed([pool.submit(work, a) for a in args]))
     else:
         pool, results = None, map(work, args)
     try:
@@ -624,7 +636,7 @@ def prepare(cfg, progress=True):
     finally:
         bar.close()
         if pool:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     rejected = {r[0] for r in rejects}
     by_split = {}
     for j in jobs:
@@ -705,3 +717,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except KeyboardInterrupt:
         sys.exit("interrupted: finished volumes are staged; run the same command again to continue")
+    except BrokenProcessPool:
+        sys.exit("a worker process died (out of memory?): finished volumes are staged; run the same command "
+                 "again with fewer --workers")

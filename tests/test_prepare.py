@@ -312,3 +312,23 @@ def test_opening_equals_max_pool_reference():
         dilated = F.max_pool2d(t, k, stride=1, padding=k // 2)
         assert np.array_equal(prepare.erode(m, k), eroded[:, 0].numpy() > 0)
         assert np.array_equal(prepare.dilate(m, k), dilated[:, 0].numpy() > 0)
+
+
+def test_unreadable_file_and_worker_errors_become_rejects(phantom_src, tmp_path, monkeypatch):
+    """A file that is not NIfTI at all, and an unexpected error inside one volume, are rejects, not a crash."""
+    src = tmp_path / "src"
+    names = corrupt_copy(phantom_src, src)
+    with open(image_path(src, names[0]), "wb") as f:
+        f.write(b"<html>404 not found</html>")  # what a failed download often leaves behind
+    real = prepare.process_volume
+
+    def odd(job, cfg):
+        if job["name"] == names[1]:
+            raise IndexError("something no one planned for")
+        return real(job, cfg)
+    monkeypatch.setattr(prepare, "process_volume", odd)
+    prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+    with open(tmp_path / "out" / "rejects.csv", newline="") as f:
+        rejects = {r["name"]: r["reason"] for r in csv.DictReader(f)}
+    assert "truncated or corrupt" in rejects[names[0]]
+    assert "unexpected IndexError" in rejects[names[1]] and set(rejects) == {names[0], names[1]}
