@@ -386,7 +386,10 @@ def make_bags(feats, ds, device, dtype=None):
     """Features of a split (S, D) and its reader -> Bags on the device (float16 on CUDA to fit full CT-RATE)."""
     dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     t = lambda a, dt: torch.as_tensor(np.array(a), dtype=dt, device=device)  # np.array: memmaps are read-only
-    return Bags(t(feats, dtype), t(ds.start, torch.int64), t(ds.count, torch.int64), t(ds.labels, torch.float32))
+    x = torch.empty(feats.shape, dtype=dtype, device=device)  # (S, D)
+    for i in range(0, len(feats), 65536):  # in chunks: no second host copy of a CT-RATE-sized memmap
+        x[i:i + 65536] = torch.from_numpy(np.array(feats[i:i + 65536])).to(device, dtype)
+    return Bags(x, t(ds.start, torch.int64), t(ds.count, torch.int64), t(ds.labels, torch.float32))
 
 
 def feature_stats(feats, chunk=65536):
