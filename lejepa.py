@@ -111,23 +111,18 @@ class SIGRegTorch(torch.autograd.Function):
     structure as the fused kernel, so the two can be held equal term by term."""
 
     @staticmethod
-    def forward(ctx, z, A, knots, t_max, chunk):
-        V, N, K = z.shape
-        M = A.shape[1]
-        # float64 in, float64 out (for gradcheck); anything else computes in float32
-        cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    def forward(ctx, z, A, knots, t_max, chunk, given=None):
+        # given: (global sums, N_global, share) computed beforehand over a batch larger than z (the
+        # micro-batches of a gradient-accumulation step, see global_sums); None = z's own, all-reduced
         with torch.autocast(z.device.type, enabled=False):  # autocast would run z @ A in bf16
-            t, phi, W = knot_table(knots, t_max, z.device, cdtype)
-            zc, Ac = z.to(cdtype), A.to(cdtype)
-            sums = torch.empty(V, 2, M, knots, dtype=cdtype, device=z.device)
-            for m0 in range(0, M, chunk):
-                tP = (zc @ Ac[:, m0:m0 + chunk]).unsqueeze(-1) * t  # (V, N, mc, T)
-                sums[:, 0, m0:m0 + chunk] = torch.cos(tP).sum(1)  # (V, mc, T)
-                sums[:, 1, m0:m0 + chunk] = torch.sin(tP).sum(1)
-            sums, n, world = all_reduce_sums(sums, N)
+            if given is None:
+                sums, n, share = all_reduce_sums(local_sums(z, A, knots, t_max, chunk), z.shape[1])
+            else:
+                sums, n, share = given
+            t, phi, W = knot_table(knots, t_max, z.device, sums.dtype)
             value = sigreg_from_sums(sums, n, phi, W)
         ctx.save_for_backward(z, A, sums, n)
-        ctx.settings = (knots, t_max, chunk, world)
+        ctx.settings = (knots, t_max, chunk, share)
         return value
 
     @staticmethod
@@ -148,7 +143,36 @@ class SIGRegTorch(torch.autograd.Function):
                 dP = ((torch.cos(tP) * a[:, None, m0:m0 + chunk]).sum(-1)
                       + (torch.sin(tP) * b[:, None, m0:m0 + chunk]).sum(-1))  # (V, N, mc)
                 dz += dP @ Am.T  # (V, N, K)
-        return dz.to(z.dtype), None, None, None, None
+        return dz.to(z.dtype), None, None, None, None, None
+
+
+def local_sums(z, A, knots=17, t_max=3.0, chunk=None):
+    """This process's cos and sin sums of z (V, N, K) along A (K, M): (V, 2, M, knots), no autograd.
+    float64 in, float64 out (for gradcheck); anything else computes in float32 (DESIGN.md 5)."""
+    V, N, K = z.shape
+    M = A.shape[1]
+    chunk = chunk or default_chunk(V, N, M, knots)
+    cdtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    with torch.no_grad(), torch.autocast(z.device.type, enabled=False):
+        t = knot_table(knots, t_max, z.device, cdtype)[0]
+        zc, Ac = z.to(cdtype), A.to(cdtype)
+        sums = torch.empty(V, 2, M, knots, dtype=cdtype, device=z.device)
+        for m0 in range(0, M, chunk):
+            tP = (zc @ Ac[:, m0:m0 + chunk]).unsqueeze(-1) * t  # (V, N, mc, T)
+            sums[:, 0, m0:m0 + chunk] = torch.cos(tP).sum(1)  # (V, mc, T)
+            sums[:, 1, m0:m0 + chunk] = torch.sin(tP).sum(1)
+    return sums
+
+
+def global_sums(zs, step, num_slices=1024, knots=17, t_max=3.0):
+    """SIGReg's statistics over several micro-batches zs = [(V, n_i, K), ...] and all ranks: what
+    `given` takes, so that with gradient accumulation SIGReg still sees the whole global batch.
+    The share (world x micro-batches) scales each row's gradient so that the accumulated, DDP-averaged
+    gradient equals one process's on the global batch (see sigreg_grad_coefs)."""
+    A = sigreg_directions(zs[0].shape[-1], num_slices, step, zs[0].device)
+    sums = sum(local_sums(z, A, knots, t_max) for z in zs)  # (V, 2, M, T)
+    sums, n, world = all_reduce_sums(sums, sum(z.shape[1] for z in zs))
+    return sums, n, world * len(zs)
 
 
 def default_chunk(V, N, M, knots):
@@ -156,11 +180,11 @@ def default_chunk(V, N, M, knots):
     return max(1, min(M, CHUNK_ELEMENTS // max(1, V * N * knots)))
 
 
-def sigreg_torch(z, A, knots=17, t_max=3.0, chunk=None):
+def sigreg_torch(z, A, knots=17, t_max=3.0, chunk=None, given=None):
     """SIGReg of z (N, K) or (V, N, K) along the columns of A (K, M), averaged over views."""
     z3 = z.unsqueeze(0) if z.dim() == 2 else z  # (V, N, K)
     chunk = chunk or default_chunk(*z3.shape[:2], A.shape[1], knots)
-    return SIGRegTorch.apply(z3, A, knots, t_max, int(chunk))
+    return SIGRegTorch.apply(z3, A, knots, t_max, int(chunk), given)
 
 
 # -----------------------------------------------------------------------------
@@ -180,7 +204,7 @@ def _fused_kernel(z, fused):
     return sigreg_fused
 
 
-def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=None, chunk=None):
+def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=None, chunk=None, given=None):
     """SIGReg (DESIGN.md 5) of z (N, K), or of each view of z (V, N, K) averaged over views, along
     num_slices directions drawn for this step. Returns a 0-dim float32 tensor (float64 for float64 z).
     fused: None = the Triton kernel on CUDA when USE_FUSED is on, True = always the kernel
@@ -188,14 +212,15 @@ def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=None, chunk=None
     chunk: directions per chunk on the PyTorch path (None = bounded by CHUNK_ELEMENTS).
     Under torch.distributed the batch is the global one (all ranks' rows) and each rank's gradient
     is scaled so that DDP's gradient averaging yields the single-process gradient. Call it on
-    every rank with the same step. With gradient accumulation, each micro-batch is its own batch."""
+    every rank with the same step. With gradient accumulation, pass given=global_sums(...) of all
+    the step's micro-batches so that SIGReg's batch is still the global one (train.py does)."""
     if z.dim() not in (2, 3):
         raise ValueError(f"lejepa.py: sigreg expects z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
     A = sigreg_directions(z.shape[-1], num_slices, step, z.device)  # (K, M)
-    kernel = _fused_kernel(z, fused)
+    kernel = _fused_kernel(z, fused) if given is None else None  # the kernel computes its own sums
     if kernel is not None:
         return kernel(z, A, knots=knots, t_max=t_max)
-    return sigreg_torch(z, A, knots, t_max, chunk)
+    return sigreg_torch(z, A, knots, t_max, chunk, given)
 
 
 def lejepa_loss(z, n_global=2, lam=0.02, step=0, **sigreg_kw):

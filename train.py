@@ -391,6 +391,10 @@ class DaleCT(nn.Module):
         if cfg.variant == "1s":  # no abnormality head at all: a head outside the loss would
             del self.heads.abnormal  # leave DDP waiting for its gradients (and be saved untrained)
 
+    def embed(self, xg, xl):
+        """Projector outputs only (V*B, K): what SIGReg's statistics need."""
+        return self.projector(torch.cat([self.vit(xg)[0], self.vit(xl)[0]]))
+
     def forward(self, xg, xl):  # (2B, 1, G, G), (L*B, 1, l, l)
         cls_g, patch_g = self.vit(xg)  # (2B, D), (2B, Tg, D)
         cls_l, patch_l = self.vit(xl)  # (L*B, D), (L*B, Tl, D)
@@ -453,12 +457,22 @@ def aux_loss(aux_g, aux_l, views, pos_weight, cfg):
     return cfg.aux_weight * (0.5 * l_cls + 0.5 * l_patch), parts
 
 
-def compute_loss(model, views, pos_weight, cfg, step):
-    """Forward one micro-batch; returns the total loss and a dict of detached parts for the log."""
+def sigreg_statistics(raw, micro_views, cfg, step, autocast):
+    """SIGReg's cos/sin sums over every micro-batch of the step and every rank (no grad): with them,
+    each micro-step's SIGReg value and gradient are those of the whole global batch."""
+    with torch.no_grad(), autocast:
+        zs = [raw.embed(v["xg"], v["xl"]).float().view(2 + cfg.n_local, len(v["has_anatomy"]), -1)
+              for v in micro_views]  # [(V, B, K)] per micro-batch
+    return lejepa.global_sums(zs, step, cfg.num_slices)
+
+
+def compute_loss(model, views, pos_weight, cfg, step, given=None):
+    """Forward one micro-batch; returns the total loss and a dict of detached parts for the log.
+    given: SIGReg's statistics over the whole step (sigreg_statistics), or None = this micro-batch's."""
     z, aux_g, aux_l = model(views["xg"], views["xl"])
     B = len(views["has_anatomy"])
     z = z.float().view(2 + cfg.n_local, B, -1)  # (V, B, K); SIGReg sums in float32 (DESIGN.md 5)
-    loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices)
+    loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices, given=given)
     parts = {"inv": lj["inv"], "sigreg": lj["sigreg"]}
     if aux_g is not None:
         aux, ap = aux_loss(aux_g, aux_l, views, pos_weight, cfg)
@@ -735,10 +749,9 @@ def main(argv=None):
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in raw.parameters())
-    n_sigreg = cfg.micro_batch * world  # SIGReg's statistics are over one micro-step's batch, all ranks
-    if n_sigreg < cfg.batch_size:
-        log(f"note: SIGReg sees {n_sigreg} slabs per micro-step, not the global {cfg.batch_size}; collapse now "
-            f"costs only lam * 0.402 * {n_sigreg} = {cfg.lam * 0.402 * n_sigreg:.2f}: prefer a larger micro_batch or lam")
+    if accum > 1:
+        log(f"note: {accum} accumulation micro-steps: one extra no-grad forward each, so that SIGReg's statistics "
+            f"cover the global batch of {cfg.batch_size} slabs as on {cfg.batch_size // cfg.micro_batch} GPUs")
     log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M parameters; "
         f"{world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
 
@@ -770,14 +783,16 @@ def main(argv=None):
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        for micro in range(accum):
-            views = make_views(next(batches), cfg, device)
+        micro_views = [make_views(next(batches), cfg, device) for _ in range(accum)]
+        # With accumulation, SIGReg's statistics come first from a no-grad pass over all micro-batches,
+        # so that its batch is the global one whatever the GPU count (DESIGN.md 5-6)
+        given = sigreg_statistics(raw, micro_views, cfg, step, autocast) if accum > 1 else None
+        for micro, views in enumerate(micro_views):
             last = micro == accum - 1
-            # gradients are all-reduced only on the last micro-step (SIGReg's statistics are still
-            # all-reduced inside every forward: its batch is the micro-batch across ranks)
+            # gradients are all-reduced only on the last micro-step
             with (model.no_sync() if ddp and not last else nullcontext()):
                 with autocast:
-                    loss, parts = compute_loss(model, views, pos_weight, cfg, step)
+                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given)
                 (loss / accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v / accum
