@@ -423,19 +423,29 @@ def anatomy_pos_weight(ds, cfg):
     return torch.tensor(np.clip(1.0 / np.maximum(freq, 1e-12), 1.0, cfg.anat_pos_weight_max), dtype=torch.float32)
 
 
-def global_mean(per_sample, weight):
-    """Mean of per_sample over the weighted samples of ALL ranks, scaled so that DDP's gradient
-    averaging gives the gradient of that global mean. The count is all-reduced (no grad); each
-    rank's sum times world_size / count, averaged over ranks by DDP, is sum_all / count."""
-    n = weight.sum().float()
-    world = 1
+def global_mean(per_sample, weight, total=None, accum=1):
+    """Mean of per_sample over the weighted samples of ALL ranks (and, given the step's total weight,
+    of all `accum` micro-batches), scaled so that DDP's gradient averaging and the 1/accum of each
+    micro-step give the gradient of that global mean: each rank's sum times world * accum / total,
+    averaged over ranks and summed over micro-steps / accum, is sum_all / total."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if total is None:  # this micro-batch's count over all ranks
+        total = weight.sum().float()
+        if world > 1:
+            dist.all_reduce(total)
+    return (per_sample * weight).sum() * world * accum / total.clamp(min=1)
+
+
+def step_mask_counts(micro_views, cfg):
+    """Samples with anatomy / abnormality masks over all micro-batches of a step and all ranks."""
+    counts = torch.stack([sum(v["has_anatomy"].sum() for v in micro_views),
+                          sum(v["has_abnormality"].sum() for v in micro_views)]).float()  # (2,)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(n)
-        world = dist.get_world_size()
-    return (per_sample * weight).sum() * world / n.clamp(min=1)
+        dist.all_reduce(counts)
+    return {"anat": counts[0], "abn": counts[1]}
 
 
-def aux_loss(aux_g, aux_l, views, pos_weight, cfg):
+def aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts=None, accum=1):
     """DESIGN.md 4: aux = w * (0.5 * L_cls + 0.5 * L_patch), each the mean of the two families, BCE
     with logits and pos_weight; a family counts only on samples that have its masks. Every view
     weighs the same: per sample, the BCE is summed over views and divided by V."""
@@ -450,7 +460,7 @@ def aux_loss(aux_g, aux_l, views, pos_weight, cfg):
                 bce = F.binary_cross_entropy_with_logits(out[key].float(), tgt[key], pos_weight=pos_weight[fam], reduction="none")
                 per_row = bce.flatten(1).mean(1)  # (v*B,) mean over (tokens and) classes
                 per_sample = per_sample + per_row.view(-1, B).sum(0) / V  # (B,)
-            parts[f"{fam}_{level}"] = global_mean(per_sample, has.float())
+            parts[f"{fam}_{level}"] = global_mean(per_sample, has.float(), counts and counts[fam], accum)
     n = len(families)
     l_cls = sum(parts[f"{f}_cls"] for f, _ in families) / n
     l_patch = sum(parts[f"{f}_patch"] for f, _ in families) / n
@@ -466,16 +476,17 @@ def sigreg_statistics(raw, micro_views, cfg, step, autocast):
     return lejepa.global_sums(zs, step, cfg.num_slices)
 
 
-def compute_loss(model, views, pos_weight, cfg, step, given=None):
+def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1):
     """Forward one micro-batch; returns the total loss and a dict of detached parts for the log.
-    given: SIGReg's statistics over the whole step (sigreg_statistics), or None = this micro-batch's."""
+    given: SIGReg's statistics over the whole step (sigreg_statistics), or None = this micro-batch's;
+    counts: the step's mask counts (step_mask_counts) for the aux means, or None = this micro-batch's."""
     z, aux_g, aux_l = model(views["xg"], views["xl"])
     B = len(views["has_anatomy"])
     z = z.float().view(2 + cfg.n_local, B, -1)  # (V, B, K); SIGReg sums in float32 (DESIGN.md 5)
     loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices, given=given)
     parts = {"inv": lj["inv"], "sigreg": lj["sigreg"]}
     if aux_g is not None:
-        aux, ap = aux_loss(aux_g, aux_l, views, pos_weight, cfg)
+        aux, ap = aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts, accum)
         loss = loss + aux
         parts.update(aux=aux, anat=0.5 * (ap["anat_cls"] + ap["anat_patch"]))
         if "abn_cls" in ap:
@@ -787,12 +798,13 @@ def main(argv=None):
         # With accumulation, SIGReg's statistics come first from a no-grad pass over all micro-batches,
         # so that its batch is the global one whatever the GPU count (DESIGN.md 5-6)
         given = sigreg_statistics(raw, micro_views, cfg, step, autocast) if accum > 1 else None
+        counts = step_mask_counts(micro_views, cfg) if accum > 1 else None  # aux means over the step too
         for micro, views in enumerate(micro_views):
             last = micro == accum - 1
             # gradients are all-reduced only on the last micro-step
             with (model.no_sync() if ddp and not last else nullcontext()):
                 with autocast:
-                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given)
+                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given, counts, accum)
                 (loss / accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v / accum
