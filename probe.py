@@ -332,18 +332,20 @@ def cached_features(root, split, slices, vit, identity, img_size, batch_size=64,
     """
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(root) / "features" / key
-    path, meta_path = folder / f"{split}.f16", folder / f"{split}.json"
+    path, meta_path = folder / f"{split}.f32", folder / f"{split}.json"
     shape = (len(slices), vit.embed_dim)
-    meta = {"identity": identity, "split": split, "shape": list(shape), "dtype": "float16"}
+    meta = {"identity": identity, "split": split, "shape": list(shape), "dtype": "float32"}
     try:
-        if json.loads(meta_path.read_text()) == meta and path.stat().st_size == 2 * shape[0] * shape[1]:
-            return np.memmap(path, np.float16, "r", shape=shape)
+        if json.loads(meta_path.read_text()) == meta and path.stat().st_size == 4 * shape[0] * shape[1]:
+            return np.memmap(path, np.float32, "r", shape=shape)
     except (OSError, ValueError):
         pass
     folder.mkdir(parents=True, exist_ok=True)
     meta_path.unlink(missing_ok=True)
-    tmp = folder / f"{split}.f16.tmp{os.getpid()}"
-    arr = np.memmap(tmp, np.float16, "w+", shape=shape)            # float16: half the disk, ample for a probe
+    tmp = folder / f"{split}.f32.tmp{os.getpid()}"
+    # float32: a random-init ViT's CLS tokens differ across slices by ~2e-4 of their size (LayerScale
+    # 1e-5), below float16's resolution; float16 here turned the random-init floor into rounding noise
+    arr = np.memmap(tmp, np.float32, "w+", shape=shape)
     t = time.time()
     extract_features(vit, slices, img_size, batch_size, device, out=arr, desc=f"features {split}")
     print(f"features {split}: {shape[0]} slices in {time.time() - t:.1f} s ({shape[0] / (time.time() - t):.0f} slices/s)")
@@ -353,7 +355,7 @@ def cached_features(root, split, slices, vit, identity, img_size, batch_size=64,
     tmp_meta = folder / f"{split}.json.tmp{os.getpid()}"
     tmp_meta.write_text(json.dumps(meta, indent=1))
     os.replace(tmp_meta, meta_path)
-    return np.memmap(path, np.float16, "r", shape=shape)
+    return np.memmap(path, np.float32, "r", shape=shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,13 +384,21 @@ class Bags:
         return self.feats[idx], mask
 
 
-def make_bags(feats, ds, device, dtype=None):
-    """Features of a split (S, D) and its reader -> Bags on the device (float16 on CUDA to fit full CT-RATE)."""
+def feature_mean(feats, chunk=65536):
+    """Per-dimension mean of a (S, D) memmap, accumulated in float64, chunk by chunk."""
+    return sum(np.asarray(feats[i:i + chunk], np.float64).sum(0) for i in range(0, len(feats), chunk)) / len(feats)
+
+
+def make_bags(feats, ds, device, dtype=None, center=None):
+    """Features of a split (S, D) and its reader -> Bags on the device (float16 on CUDA to fit full CT-RATE).
+    center (D,): subtracted before the cast (use the train split's mean for every split), so that float16
+    keeps the variation between slices rather than the common offset."""
     dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     t = lambda a, dt: torch.as_tensor(np.array(a), dtype=dt, device=device)  # np.array: memmaps are read-only
+    c = torch.zeros(feats.shape[1]) if center is None else torch.as_tensor(center, dtype=torch.float32)
     x = torch.empty(feats.shape, dtype=dtype, device=device)  # (S, D)
     for i in range(0, len(feats), 65536):  # in chunks: no second host copy of a CT-RATE-sized memmap
-        x[i:i + 65536] = torch.from_numpy(np.array(feats[i:i + 65536])).to(device, dtype)
+        x[i:i + 65536] = (torch.from_numpy(np.array(feats[i:i + 65536], np.float32)) - c).to(device, dtype)
     return Bags(x, t(ds.start, torch.int64), t(ds.count, torch.int64), t(ds.labels, torch.float32))
 
 
@@ -827,7 +837,8 @@ def main(argv=None):
     feats = {s: cached_features(cfg.data, s, ds[s].slices, vit, identity, cfg.img_size, cfg.feat_batch, device)
              for s in SPLITS}
     print(f"features: {', '.join(f'{s} {feats[s].shape}' for s in SPLITS)} in {cfg.data}/features/")
-    train, val, test = (make_bags(feats[s], ds[s], device) for s in SPLITS)
+    center = feature_mean(feats["train"])  # train statistics only
+    train, val, test = (make_bags(feats[s], ds[s], device, center=center) for s in SPLITS)
 
     seeds, scores, reports, thresholds = [], [], [], []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):

@@ -223,20 +223,20 @@ def test_feature_cache_reuse_invalidation_and_recovery(tmp_path, monkeypatch):
     first = np.array(get(ident))
     assert len(calls) == 1 and first.shape == (10, 192) and np.isfinite(first).all()
     folder = next((tmp_path / "features").iterdir())
-    stamp = (folder / "train.f16").stat().st_mtime_ns
+    stamp = (folder / "train.f32").stat().st_mtime_ns
     np.testing.assert_array_equal(get(ident), first)                 # same checkpoint: reused
-    assert len(calls) == 1 and (folder / "train.f16").stat().st_mtime_ns == stamp
+    assert len(calls) == 1 and (folder / "train.f32").stat().st_mtime_ns == stamp
     # the cached features are the model's (float16 rounding aside)
     np.testing.assert_allclose(first, probe.extract_features(vit, slices, 32), atol=2e-2, rtol=1e-2)
     calls.clear()
 
     get({**ident, "backbone": "bbb"})                                 # another checkpoint: its own folder
     assert len(calls) == 1 and len(list((tmp_path / "features").iterdir())) == 2
-    assert (folder / "train.f16").stat().st_mtime_ns == stamp          # the first one untouched
+    assert (folder / "train.f32").stat().st_mtime_ns == stamp          # the first one untouched
     (folder / "train.json").unlink()                                  # an interrupted write: no meta
     get(ident)
     assert len(calls) == 2
-    with open(folder / "train.f16", "r+b") as f:                      # a truncated file with its meta
+    with open(folder / "train.f32", "r+b") as f:                      # a truncated file with its meta
         f.truncate(100)
     np.testing.assert_array_equal(get(ident), first)
     assert len(calls) == 3
@@ -337,3 +337,18 @@ def test_briefly_pretrained_beats_random_init(tmp_path):
     assert (tmp_path / "cmp" / "comparison.md").read_text().count("\n| ") == 2  # one line per model
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "trained" / "roc.png").exists() and (tmp_path / "cmp" / "comparison.png").exists()
+
+
+def test_small_feature_variation_survives_cache_and_half_precision_bags():
+    """A random-init ViT's CLS tokens vary by ~2e-4 of their size: the bags must keep that variation
+    (float32 cache; float16 bags only after centering on the train mean)."""
+    rng = np.random.default_rng(0)
+    feats = (5.0 + 1e-3 * rng.standard_normal((200, 8))).astype(np.float32)  # (S, D): offset >> variation
+
+    class DS:
+        start, count, labels = np.array([0, 100]), np.array([100, 100]), np.zeros((2, 18), np.float32)
+    naive = probe.make_bags(feats, DS, "cpu", dtype=torch.float16)
+    centred = probe.make_bags(feats, DS, "cpu", dtype=torch.float16, center=probe.feature_mean(feats))
+    corr = lambda bags: min(np.corrcoef(bags.feats.float()[:, d].numpy(), feats[:, d])[0, 1] for d in range(8))
+    assert corr(naive) < 0.6  # float16 at 5.0 has steps of ~4e-3: what is left is rounding, not the signal
+    assert corr(centred) > 0.999
