@@ -305,11 +305,12 @@ def test_loads_a_train_checkpoint_at_its_own_size(tmp_path):
     torch.testing.assert_close(loaded.eval()(x)[0], vit.eval()(x)[0])  # 32 px input through a 64 px grid
 
 
-def test_briefly_pretrained_beats_random_init(tmp_path):
-    """phantom -> prepare -> 80 steps of train.py (2S) -> probe, against a random-init backbone.
-    At this scale (90 patients, 2 probe seeds) macro AUROC differences are within noise (measured:
-    0.534 vs 0.528 and 0.495 vs 0.554 on two phantom seeds), so the assertion is on what 80 steps
-    do learn reliably: slice depth reads out linearly (R^2 0.77 -> 0.90 and 0.73 -> 0.88)."""
+def test_end_to_end_pretrain_probe_compare(tmp_path):
+    """phantom -> prepare -> 80 steps of train.py (2S) -> probe, against a random-init backbone, then
+    --compare. What it can assert at this scale: the numbers are sane and the table is consistent.
+    It does NOT assert that pretraining beats random init: measured here (43 test volumes), macro
+    AUROC differences are noise and a random ViT's slice features already read out depth (R^2 0.89
+    random vs 0.90 trained, once the feature cache kept float32)."""
     phantom = pytest.importorskip("phantom")
     import prepare
     import train
@@ -324,9 +325,10 @@ def test_briefly_pretrained_beats_random_init(tmp_path):
     common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200"]
     floor = probe.main(common + ["--random_init", f"--out={tmp_path / 'random'}"])
     trained = probe.main(common + [f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", f"--out={tmp_path / 'trained'}"])
-    assert trained["depth"]["test_r2"] > floor["depth"]["test_r2"] + 0.05
     for res in (floor, trained):
-        assert 0.3 < res["summary"]["auroc"]["mean"] < 1.0
+        assert 0.3 < res["summary"]["auroc"]["mean"] < 1.0 and 0.5 < res["depth"]["test_r2"] <= 1.0
+        lo, hi = res["summary"]["auroc"]["ci95"]
+        assert lo <= res["summary"]["auroc"]["mean"] <= hi
     # the comparison table: one row per run, the paired difference on the second row
     rows = probe.main([f"--compare={tmp_path / 'random'},{tmp_path / 'trained'}", f"--out={tmp_path / 'cmp'}",
                        "--n_boot=200"])
