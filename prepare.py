@@ -28,7 +28,6 @@ only when every volume is done. The reader is `open_split(OUT, split)` at the bo
 """
 import csv
 import json
-import math
 import os
 import re
 import shutil

@@ -355,7 +355,6 @@ def make_views(batch, cfg, device):
     """CPU micro-batch from gather() -> network inputs and soft targets on `device`.
     Returns xg (2B,1,G,G), xl (L*B,1,l,l), targets {"g": {...}, "l": {...}}, has_anatomy, has_abnormality."""
     b = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    B, L = b["index"].shape[0], cfg.n_local
     families = {"0": (), "1s": ("anat",), "2s": ("anat", "abn")}[cfg.variant]
     vm = lambda t: t.transpose(0, 1).reshape(-1, *t.shape[2:])  # (B, V, ...) -> (V*B, ...) view-major
     # global views: both from the centre slice

@@ -3,7 +3,6 @@
 import csv
 import gzip
 import json
-import os
 import struct
 import sys
 from pathlib import Path

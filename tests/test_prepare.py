@@ -1,6 +1,5 @@
 """prepare.py: phantom -> prepare -> reader round trip, bad inputs, resume."""
 import csv
-import gzip
 import json
 import os
 import shutil
@@ -98,7 +97,7 @@ def test_labels_match_csv(phantom_src, prepared):
 
 def test_masks_line_up_with_slices(prepared):
     ds = open_split(prepared, "train")
-    size, m = ds.manifest["size"], ds.manifest["mask_size"]
+    m = ds.manifest["mask_size"]
     hu = torch.from_numpy(ds.slices[:].astype(np.float32))[:, None]
     hu_small = F.interpolate(hu, size=(m, m), mode="area")[:, 0].numpy()  # (S, m, m)
     lung = np.isin(ds.anatomy, [10, 11, 12, 13, 14])
