@@ -22,11 +22,14 @@ one is the most superior (lung apex end).
 Run:   python prepare.py --src=data/phantom --out=data/prepared
        python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
 
-Work is staged per volume in OUT/.staging, so a crash or Ctrl-C loses at most the volumes
-in flight: the same command continues. The split arrays and then the manifest are written
-only when every volume is done. The reader is `open_split(OUT, split)` at the bottom.
+Each volume is written straight into its rows of its split's arrays in OUT/.staging (its
+slice count is known from its header), then marked done, so a crash or Ctrl-C loses at most
+the volumes in flight: the same command continues. The arrays move into OUT/{split}/ and then
+the manifest is written only when every volume is done. The reader is `open_split(OUT, split)`
+at the bottom.
 """
 import csv
+import gzip
 import json
 import os
 import re
@@ -235,13 +238,35 @@ def assign_splits(jobs, cfg):
 # -----------------------------------------------------------------------------
 # 2. One volume: NIfTI -> HU, orientation, body crop, resampling, masks
 
+def gunzip(blob):
+    """The whole .gz in one call. nibabel streams it through the gzip module in 8 KiB pieces,
+    which costs about a third more than the decompression itself (benchmarks/prepare_speed.py).
+    zlib checks the gzip CRC and length; a file of several gzip members (bgzip), of which zlib
+    reads only the first, goes the slow way."""
+    z = zlib.decompressobj(wbits=31)  # 31 = 16 + 15: deflate inside a gzip header and trailer
+    data = z.decompress(blob)
+    if not z.eof:
+        raise EOFError("compressed stream ends early")
+    return gzip.decompress(blob) if z.unused_data.strip(b"\0") else data
+
+
 def load_nifti(path, what):
+    """(image, stored voxels) of a NIfTI file. nibabel parses the header (offset, dtype and byte
+    order, shape, scaling); the voxels are a read-only view of the decompressed bytes, not a copy."""
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+    from nibabel.wrapstruct import WrapStructError
     try:
-        img = nib.load(path)
-        raw = np.asanyarray(img.dataobj.get_unscaled())
-    except (OSError, EOFError, zlib.error, ValueError, ImageFileError) as e:
+        with open(path, "rb") as f:
+            data = f.read()
+        data = gunzip(data) if path.endswith(".gz") else data
+        klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(data[:540]) else nib.Nifti1Image
+        img = klass.from_bytes(data)
+        proxy = img.dataobj
+        raw = np.frombuffer(data, proxy.dtype, int(np.prod(proxy.shape)), proxy.offset)
+        raw = raw.reshape(proxy.shape, order=proxy.order)  # NIfTI order (X, Y, Z, ...), Fortran layout
+    except (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, WrapStructError) as e:
         raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
                      f"download it again")
     return img, raw
@@ -268,7 +293,8 @@ def hu_scaling(img, raw, job, how):
         raise Reject(f"{job['path']}: rescale slope {slope:g} from the {source}; expected a positive number")
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # integers cannot be NaN
         raise Reject(f"{job['path']}: NaN or inf voxels; the file is damaged: download it again")
-    if raw.min() == raw.max():
+    coarse = raw[::4, ::4, ::4]  # 1/64 of the voxels: enough to tell almost any volume from a constant one
+    if coarse.min() == coarse.max() and raw.min() == raw.max():
         raise Reject(f"{job['path']}: constant volume (every voxel {raw.flat[0]:g}); not an image")
     # Verify: the image border is mostly air (-1000 HU). A constant fill outside the scanner's
     # circular field of view (e.g. -3024) is ignored; noisy air is never one repeated value.
@@ -307,34 +333,44 @@ def geometry(img, job):
     return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
 
 
-def window_count(m, k, axis):
-    """Set pixels of bool m in the length-k window (zeros outside) along `axis`, by a running sum.
-    uint8 wraps around, but differences of a wrapped running sum are exact while k < 256."""
-    r = k // 2
+def window_reduce(m, k, axis, op):
+    """op (np.logical_and or np.logical_or) over the length-k window centred on each pixel of bool
+    m along `axis`, False outside m: k - 1 in-place ops on shifted views, which for the usual
+    k = 5 is about 5x faster than differences of a running sum."""
+    r, n = k // 2, m.shape[axis]
     pad = [(0, 0)] * m.ndim
-    pad[axis] = (r + 1, r)
-    c = np.pad(m.view(np.uint8), pad).cumsum(axis, dtype=np.uint8)
-    n = c.shape[axis]
-    return np.take(c, range(k, n), axis) - np.take(c, range(0, n - k), axis)
+    pad[axis] = (r, r)
+    padded = np.pad(m, pad)  # False outside the image
+
+    def shifted(i):  # padded[..., i:i + n, ...] along `axis`
+        index = [slice(None)] * m.ndim
+        index[axis] = slice(i, i + n)
+        return padded[tuple(index)]
+    out = shifted(0).copy()
+    for i in range(1, k):
+        op(out, shifted(i), out=out)
+    return out
 
 
 def erode(m, k):
-    """Binary erosion of each slice of m (D, h, w) by a k x k square (separable)."""
-    return (window_count(window_count(m, k, 1) == k, k, 2) == k)
+    """Binary erosion of each slice of m (D, h, w) by a k x k square (separable), zeros outside."""
+    return window_reduce(window_reduce(m, k, 1, np.logical_and), k, 2, np.logical_and)
 
 
 def dilate(m, k):
-    return window_count(window_count(m, k, 1) > 0, k, 2) > 0
+    return window_reduce(window_reduce(m, k, 1, np.logical_or), k, 2, np.logical_or)
 
 
 def body_box(vol, px_mm, body_threshold):
     """One square box (y0, x0, side) around the body over all slices (DESIGN.md 7); the body is
     vol > body_threshold (BODY_HU in the units of vol). A per-slice opening removes the table and
-    cables; it runs on a ~4 mm grid, where it is cheap."""
+    cables; it runs on a ~4 mm grid, where it is cheap. Dilation commutes with a union, so the union
+    of the per-slice openings is the dilation of the union of the per-slice erosions: only the
+    erosion runs on every slice."""
     stride = max(1, int(4.0 / px_mm))
     m = vol[:, ::stride, ::stride] > body_threshold  # (D, h, w)
     k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
-    opened = dilate(erode(m, k), k).any(0)  # opening, then the union over slices  (h, w)
+    opened = dilate(erode(m, k).any(0, keepdims=True), k)[0]  # union of per-slice openings  (h, w)
     ys, xs = np.nonzero(opened)
     if len(ys) == 0:
         raise Reject("no body found: no region above -500 HU survives the opening")
@@ -347,19 +383,26 @@ def body_box(vol, px_mm, body_threshold):
 def crop_hu(vol, y0, x0, side, slope, inter):
     """float32 HU of vol[:, y0:y0+side, x0:x0+side], air (-1024) where the box leaves the image."""
     D, H, W = vol.shape
-    out = np.full((D, side, side), -1024.0, dtype=np.float32)
+    out = np.empty((D, side, side), dtype=np.float32)
     sy, sx = max(0, -y0), max(0, -x0)
     ey, ex = min(side, H - y0), min(side, W - x0)
+    if (sy, sx, ey, ex) != (0, 0, side, side):
+        out.fill(-1024.0)
     inside = out[:, sy:ey, sx:ex]
-    inside[:] = vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex]
-    inside *= np.float32(slope)
+    np.multiply(vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex], np.float32(slope), out=inside)  # int -> float32 once
     inside += np.float32(inter)
     return out  # (D, side, side)
 
 
+def slice_count(depth, z_src, z_mm):
+    """Slices after resampling `depth` slices `z_src` mm apart to `z_mm`. The header alone gives it,
+    so every volume's place in the output is known before any voxel is read (section 3)."""
+    return max(1, round(depth * z_src / z_mm))
+
+
 def z_positions(depth, z_src, z_mm):
     """Fractional source indices of the resampled slices (centres aligned)."""
-    n = max(1, round(depth * z_src / z_mm))
+    n = slice_count(depth, z_src, z_mm)
     return np.clip((np.arange(n) + 0.5) * z_mm / z_src - 0.5, 0, depth - 1)
 
 
@@ -371,25 +414,31 @@ def resample_image(vol, zpos, size):
     x = x[:, 0]  # (D, size, size)
     i0 = np.floor(zpos).astype(np.int64)
     i1 = np.minimum(i0 + 1, vol.shape[0] - 1)
-    w = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
-    x = torch.lerp(x[i0], x[i1], w)  # (n, size, size)
-    return x.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
+    out = x.index_select(0, torch.from_numpy(i0))  # the slice below each position, a copy  (n, size, size)
+    if (zpos > i0).any():  # interpolate; not needed when z_src == z_mm (every position is a source slice)
+        w_z = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
+        out.lerp_(x.index_select(0, torch.from_numpy(i1)), w_z)  # in place
+    return out.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
 
 
 def resample_mask(arr, flip_z, box, zpos, size):
     """Label map(s) in NIfTI order (..., X, Y, Z) -> (..., n, size, size) on the grid of the slices:
     the same orientation, box and z positions, by nearest neighbour (labels must not blend).
-    One gather straight from the source, so nothing of the source's size is copied."""
+    One np.take per axis (about 2x faster than fancy indexing here) on the reversed view
+    (Z, Y, X, ...), which is C-contiguous for NIfTI's Fortran layout: the y gather copies whole
+    rows and shrinks the data before the element-wise x gather; z goes last, as it often grows
+    the data (upsampling). Nothing of the source's size is copied."""
     X, Y, Z = arr.shape[-3:]
     y0, x0, side = box
     zi = np.round(zpos).astype(np.int64)
     zi = Z - 1 - zi if flip_z else zi  # (n,)
     grid = ((np.arange(size) + 0.5) * side / size).astype(np.int64)
     yi, xi = y0 + grid, x0 + grid  # (size,) each; may leave the image where the box was padded
-    out = arr[..., np.clip(xi, 0, X - 1)[None, None, :], np.clip(yi, 0, Y - 1)[None, :, None], zi[:, None, None]]
+    zyx = arr.T  # (Z, Y, X, ...)
+    out = zyx.take(np.clip(yi, 0, Y - 1), 1).take(np.clip(xi, 0, X - 1), 2).take(zi, 0)  # (n, size, size, ...)
     outside = ((yi < 0) | (yi >= Y))[:, None] | ((xi < 0) | (xi >= X))[None, :]  # (size, size)
-    out[..., outside] = 0
-    return out  # (..., n, size, size)
+    out[:, outside] = 0
+    return np.moveaxis(out, (0, 1, 2), (-3, -2, -1))  # (..., n, size, size)
 
 
 def orient(arr, flip_z):
@@ -427,7 +476,7 @@ def process_volume(job, cfg):
                          f"regenerate the TotalSegmentator mask for this volume")
         if a.min() < 0 or a.max() >= N_ANATOMY:
             raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
-        anatomy = resample_mask(a, flip_z, (y0, x0, side), zpos, cfg.mask_size).astype(np.uint8)
+        anatomy = resample_mask(a, flip_z, (y0, x0, side), zpos, cfg.mask_size).astype(np.uint8, copy=False)
     abnormal = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint16)
     entry = job["rex"]
     if entry and entry.get("categories"):
@@ -444,7 +493,8 @@ def process_volume(job, cfg):
             if int(f) >= r.shape[0]:
                 raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
                              f"{r.shape[0]} channel(s)")
-            abnormal |= small[int(f)].astype(np.uint16) << ABNORMALITY_CODES.index(code)
+            bit = np.uint16(1 << ABNORMALITY_CODES.index(code))
+            np.bitwise_or(abnormal, bit, out=abnormal, where=small[int(f)])  # in place, no temporaries
     depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
     depth = np.stack([depth_mm, depth_mm / max(depth_mm[-1], 1e-6)], 1).astype(np.float32)  # (n, 2)
     row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
@@ -456,54 +506,15 @@ def process_volume(job, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 3. Staging: one file per finished volume, so a re-run continues where it stopped
-
-def staged_path(stage, name):
-    return os.path.join(stage, name + ".npz")
-
-
-def work(args):
-    """Worker: prepare one volume into the staging folder. Returns (name, None) or (name, reason)."""
-    job, cfg, stage = args
-    torch.set_num_threads(1)
-    try:
-        out = process_volume(job, cfg)
-    except Reject as e:
-        return job["name"], job["path"], str(e)
-    except MemoryError:
-        return job["name"], job["path"], "out of memory while preparing it; use fewer --workers"
-    except Exception as e:  # one odd file must not stop a 50,000-volume run: reject it, say what happened
-        return job["name"], job["path"], f"unexpected {type(e).__name__} while preparing it: {e}"
-    tmp = staged_path(stage, job["name"]) + ".tmp.npz"
-    np.savez(tmp, slices=out["slices"], anatomy=out["anatomy"], abnormal=out["abnormal"], depth=out["depth"],
-             row=np.frombuffer(json.dumps(out["row"]).encode(), np.uint8))
-    os.replace(tmp, staged_path(stage, job["name"]))  # atomic: a staged file is always whole
-    return job["name"], job["path"], None
-
-
-def estimate_slices(job, cfg):
-    """Output slice count of a volume from its header and CSV alone (for the disk check)."""
-    import nibabel as nib
-    try:
-        img = nib.load(job["path"])
-        depth = img.shape[2]
-        z = float(img.header.get_zooms()[2]) if not np.allclose(img.affine[:3, :3], np.eye(3)) \
-            else parse_spacing(job["meta"]["ZSpacing"])[0]
-        return max(1, round(depth * z / cfg.z_mm))
-    except Exception:
-        return 0  # unreadable: it will be rejected with its reason when processed
-
-
-def bytes_per_slice(cfg):
-    return cfg.size ** 2 * 2 + cfg.mask_size ** 2 * 3 + 8
-
-
-def human(n):
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
-# -----------------------------------------------------------------------------
-# 4. Assembly: staged volumes -> one memory map per array per split, manifest last
+# 3. Writing in place: each volume goes straight into its rows of its split's arrays
+#
+# A volume's slice count follows from its header alone (slice_count), so before any voxel is
+# read the main process gives every volume its rows, a "slot", in staged split arrays
+# OUT/.staging/{split}.slices.i16 etc., volumes in name order. A worker writes its volume into its
+# slot, then drops a marker OUT/.staging/done/NAME.json holding the volume's table row. The marker
+# comes after the data and appears atomically, so a marker means a complete slot: a re-run skips
+# those volumes and redoes the others (a half-written slot is simply written again). A volume
+# rejected on the way leaves its slot empty, a hole that assembly closes (section 4).
 
 SPLITS = ("train", "val", "test")
 ARRAYS = {"slices": ("slices.i16", np.int16), "anatomy": ("anatomy.u8", np.uint8),
@@ -516,40 +527,167 @@ def array_shapes(size, mask_size):
             "depth": (2,)}
 
 
-def assemble(cfg, stage, names_by_split, params):
-    counts = {}
+def slice_nbytes(cfg):
+    """Bytes of one slice in each array."""
+    shapes = array_shapes(cfg.size, cfg.mask_size)
+    return {k: int(np.prod(shapes[k])) * np.dtype(dt).itemsize for k, (_, dt) in ARRAYS.items()}
+
+
+def human(n):
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def planned_count(job, cfg):
+    """Output slices of a volume from its header and CSV alone, by the same geometry() and
+    slice_count() as process_volume. 0 for a header that cannot be read or a geometry that is
+    refused: that volume is rejected with its reason when processed."""
+    import nibabel as nib
+    try:
+        img = nib.load(job["path"])  # the header only; voxels are read when indexed
+        return slice_count(img.shape[2], geometry(img, job)[1], cfg.z_mm)
+    except Exception:
+        return 0
+
+
+def plan_slots(jobs, cfg):
+    """Give each job its slot (job["start"], job["count"]: rows of its split's arrays), volumes in
+    name order. Returns the layout {split: [[name, start, count], ...]}."""
+    layout = {split: [] for split in SPLITS}
+    for job in sorted(jobs, key=lambda j: natural_key(j["name"])):
+        slots = layout[job["split"]]
+        job["start"] = slots[-1][1] + slots[-1][2] if slots else 0
+        job["count"] = planned_count(job, cfg)
+        slots.append([job["name"], job["start"], job["count"]])
+    return layout
+
+
+def staged_array(stage, split, k):
+    return os.path.join(stage, f"{split}.{ARRAYS[k][0]}")
+
+
+def done_path(stage, name):
+    return os.path.join(stage, "done", name + ".json")
+
+
+def open_staging(stage, layout):
+    """Make OUT/.staging hold `layout`. A resumed run with the same layout keeps its finished
+    volumes; another layout (the source folder changed since) makes it start over."""
+    layout_path = os.path.join(stage, "layout.json")
+    if os.path.exists(layout_path):
+        with open(layout_path) as f:
+            if json.load(f) == layout:
+                return
+        print(f"{stage}: the source folder changed since the interrupted run; starting over")
+    shutil.rmtree(os.path.join(stage, "done"), ignore_errors=True)  # markers first: none may outlive its slot
     for split in SPLITS:
-        names = sorted(names_by_split.get(split, []), key=natural_key)
+        for k in ARRAYS:
+            if os.path.exists(staged_array(stage, split, k)):
+                os.remove(staged_array(stage, split, k))
+    os.makedirs(os.path.join(stage, "done"))
+    with open(layout_path + ".tmp", "w") as f:
+        json.dump(layout, f)
+    os.replace(layout_path + ".tmp", layout_path)
+
+
+def create_staged_arrays(stage, layout, cfg):
+    """Each split's arrays at their full planned size, unless a resumed run made them already."""
+    nbytes = slice_nbytes(cfg)
+    for split, slots in layout.items():
+        total = sum(count for _, _, count in slots)
+        for k in ARRAYS:
+            path = staged_array(stage, split, k)
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    # np.memmap cannot map zero bytes: an empty split still gets one row (the manifest says 0)
+                    f.truncate(max(total, 1) * nbytes[k])  # sparse: disk is used as slots are written
+
+
+def write_slot(stage, job, arrays):
+    """One volume's arrays -> its rows of the staged split arrays."""
+    for k, (_, dt) in ARRAYS.items():
+        a = np.ascontiguousarray(arrays[k], dt)  # (count, ...)
+        with open(staged_array(stage, job["split"], k), "r+b") as f:
+            f.seek(job["start"] * (a.nbytes // len(a)))
+            f.write(a.data)
+
+
+def work(args):
+    """Worker: prepare one volume into its slot. Returns (name, path, None) or (name, path, reason)."""
+    job, cfg, stage = args
+    torch.set_num_threads(1)
+    try:
+        out = process_volume(job, cfg)
+        if out["row"]["count"] != job["count"]:  # both come from geometry() and slice_count(): a bug if not
+            raise Reject(f"{job['path']}: {out['row']['count']} slices, but {job['count']} planned from its header")
+    except Reject as e:
+        return job["name"], job["path"], str(e)
+    except MemoryError:
+        return job["name"], job["path"], "out of memory while preparing it; use fewer --workers"
+    except Exception as e:  # one odd file must not stop a 50,000-volume run: reject it, say what happened
+        return job["name"], job["path"], f"unexpected {type(e).__name__} while preparing it: {e}"
+    write_slot(stage, job, out)
+    marker = done_path(stage, job["name"])
+    with open(marker + ".tmp", "w") as f:
+        json.dump(out["row"], f)
+    os.replace(marker + ".tmp", marker)  # after the data, atomic: a marker always means a whole slot
+    return job["name"], job["path"], None
+
+
+# -----------------------------------------------------------------------------
+# 4. Assembly: staged arrays -> OUT/{split}/, manifest last
+
+def link_or_copy(src, dst):
+    """dst names the same bytes as src: a hard link (no copy, no disk), or a copy where the file
+    system has none. The staged file is never written again, so sharing its bytes is safe."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def assemble(cfg, stage, layout, rows, params):
+    """The staged arrays become the splits; `rows` holds the finished volumes' table rows by name.
+    A split whose slots are all filled is linked into place; one with holes (volumes rejected after
+    their slot was planned) is copied slot by slot, closing them. The staging is only read, so an
+    interruption here loses nothing: the next run assembles again."""
+    counts, nbytes = {}, slice_nbytes(cfg)
+    shapes = array_shapes(cfg.size, cfg.mask_size)
+    for split in SPLITS:
+        slots = layout[split]
+        kept = [(name, start, count) for name, start, count in slots if name in rows]
+        total = sum(count for _, _, count in kept)
         tmp_dir = os.path.join(cfg.out, split + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-        counts_n = []
-        for n in names:  # first pass: sizes only (and never more than one file open: 50k volumes)
-            with np.load(staged_path(stage, n)) as s:
-                counts_n.append(len(s["depth"]))
-        total = sum(counts_n)
-        shapes = array_shapes(cfg.size, cfg.mask_size)
-        # np.memmap cannot map zero bytes: an empty split still gets a one-row file (the manifest says 0).
-        maps = {k: np.memmap(os.path.join(tmp_dir, fn), dt, "w+", shape=(max(total, 1), *shapes[k]))
-                for k, (fn, dt) in ARRAYS.items()}
-        rows, start = [], 0
-        for name in names:
-            with np.load(staged_path(stage, name)) as s:
-                row = json.loads(bytes(s["row"]))
-                n = row["count"]
-                for k in ARRAYS:
-                    maps[k][start:start + n] = s[k]
-            rows.append(dict(row, start=start))
-            start += n
-        for m in maps.values():
-            m.flush()
-        del maps
+        holes = len(kept) < len(slots)
+        need, free = total * sum(nbytes.values()), shutil.disk_usage(cfg.out).free
+        if holes and need > 0.95 * free:
+            raise SystemExit(f"{cfg.out}: not enough disk to close the gaps of rejected volumes in {split}: "
+                             f"need {human(need)}, {human(free)} free. Free space and run the same command "
+                             f"again: finished volumes are kept")
+        for k, (fn, dt) in ARRAYS.items():
+            src, dst = staged_array(stage, split, k), os.path.join(tmp_dir, fn)
+            if not holes:
+                link_or_copy(src, dst)
+                continue
+            staged = np.memmap(src, dt, "r", shape=(os.path.getsize(src) // nbytes[k], *shapes[k]))
+            final = np.memmap(dst, dt, "w+", shape=(max(total, 1), *shapes[k]))
+            at = 0
+            for _, start, count in kept:  # in order: the final rows are the staged ones, gaps closed
+                final[at:at + count] = staged[start:start + count]
+                at += count
+            final.flush()
+            del staged, final
+        table, at = [], 0
+        for name, _, count in kept:
+            table.append(dict(rows[name], start=at))
+            at += count
         with open(os.path.join(tmp_dir, "volumes.json"), "w") as f:
-            json.dump(rows, f)
-        final = os.path.join(cfg.out, split)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp_dir, final)
-        counts[split] = dict(volumes=len(rows), slices=total, patients=len({r["patient"] for r in rows}))
+            json.dump(table, f)
+        final_dir = os.path.join(cfg.out, split)
+        shutil.rmtree(final_dir, ignore_errors=True)
+        os.replace(tmp_dir, final_dir)
+        counts[split] = dict(volumes=len(table), slices=total, patients=len({r["patient"] for r in table}))
     manifest = dict(format="dale-ct-prepared", **params, labels=LABELS,
                     abnormality_codes=ABNORMALITY_CODES, n_anatomy=N_ANATOMY, splits=counts,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -599,23 +737,25 @@ def prepare(cfg, progress=True):
 
     jobs, rejects = discover(cfg)
     assign_splits(jobs, cfg)
-    done = {j["name"] for j in jobs if os.path.exists(staged_path(stage, j["name"]))}
+    layout = plan_slots(jobs, cfg)
+    open_staging(stage, layout)
+    done = {j["name"] for j in jobs if os.path.exists(done_path(stage, j["name"]))}
     todo = [j for j in jobs if j["name"] not in done]
-    # Disk: the staged copies plus the final arrays must fit.
-    per_slice = bytes_per_slice(cfg)
-    est = {j["name"]: estimate_slices(j, cfg) for j in jobs}
-    need_final = sum(est.values()) * per_slice
-    need_stage = sum(est[j["name"]] for j in todo) * per_slice
+    # Disk: volumes are written in place and linked into the splits, so the output is all it takes.
+    per_slice = sum(slice_nbytes(cfg).values())
+    need_final = sum(j["count"] for j in jobs) * per_slice
+    need_now = sum(j["count"] for j in todo) * per_slice  # the finished volumes are on disk already
     free = shutil.disk_usage(cfg.out).free
-    print(f"{len(jobs)} volumes ({len(done)} already staged, {len(rejects)} rejected up front); "
-          f"estimated output {human(need_final)} + {human(need_stage)} staging; free {human(free)}")
-    if need_final + need_stage > 0.95 * free:
-        raise SystemExit(f"{cfg.out}: not enough disk: need about {human(need_final + need_stage)}, "
+    print(f"{len(jobs)} volumes ({len(done)} already done, {len(rejects)} rejected up front); "
+          f"estimated output {human(need_final)}, {human(need_now)} of it still to write; free {human(free)}")
+    if need_now > 0.95 * free:
+        raise SystemExit(f"{cfg.out}: not enough disk: need about {human(need_now)}, "
                          f"{human(free)} free. Free space, pick another --out, or lower --size")
     if rejects and cfg.strict:
         name, path, reason = rejects[0]
         raise SystemExit(f"rejected {name}: {reason} (--strict)")
 
+    create_staged_arrays(stage, layout, cfg)
     args = [(j, cfg, stage) for j in todo]
     bar = tqdm(total=len(todo), unit="vol", disable=not progress, desc="prepare")
     if cfg.workers > 1 and len(todo) > 1:
@@ -636,13 +776,13 @@ def prepare(cfg, progress=True):
         bar.close()
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
-    rejected = {r[0] for r in rejects}
-    by_split = {}
+    rows = {}
     for j in jobs:
-        if j["name"] not in rejected:
-            by_split.setdefault(j["split"], []).append(j["name"])
+        if os.path.exists(done_path(stage, j["name"])):
+            with open(done_path(stage, j["name"])) as f:
+                rows[j["name"]] = json.load(f)
     write_rejects(cfg, rejects)
-    manifest = assemble(cfg, stage, by_split, params)
+    manifest = assemble(cfg, stage, layout, rows, params)
     if not cfg.keep_staging:
         shutil.rmtree(stage)
     s = manifest["splits"]

@@ -287,6 +287,114 @@ def test_interrupted_then_resumed_equals_uninterrupted(phantom_src, prepared, tm
         prepare.prepare(cfg_for(phantom_src, out, size=32), progress=False)
 
 
+def volumes_by_name(root):
+    """{name: (split, table row without its start, slices, anatomy, abnormal, depth)} of a prepared folder."""
+    out = {}
+    for split in ("train", "val", "test"):
+        ds = open_split(root, split)
+        assert ds.start[0] == 0 and np.all(ds.start[1:] == np.cumsum(ds.count)[:-1])  # no gaps
+        assert ds.count.sum() == len(ds.slices)
+        for i, row in enumerate(ds.rows):
+            v = ds.volume(i)
+            out[row["name"]] = (split, {k: x for k, x in row.items() if k != "start"}, ds.slices[v].copy(),
+                                ds.anatomy[v].copy(), ds.abnormal[v].copy(), ds.depth[v].copy())
+    return out
+
+
+def assert_same_volumes(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        for x, y in zip(a[name], b[name]):
+            assert np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y, name
+
+
+def test_rejects_on_the_way_leave_no_gap_and_resume(phantom_src, prepared, tmp_path, monkeypatch):
+    """Volumes rejected after their rows were planned (only reading them tells) leave holes that
+    assembly closes. Interrupted in the middle, then run again: the same dataset, and no finished
+    volume prepared twice."""
+    ref = volumes_by_name(prepared)
+    names = {s: sorted((n for n, v in ref.items() if v[0] == s), key=prepare.natural_key) for s in ("train", "test")}
+    bad = {names["train"][1], names["test"][0]}
+    real_volume, real_work, calls = prepare.process_volume, prepare.work, []
+
+    def reject_some(job, cfg):
+        if job["name"] in bad:
+            raise prepare.Reject(f"{job['path']}: injected")
+        return real_volume(job, cfg)
+
+    def flaky(args):
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        calls.append(args[0]["name"])
+        return real_work(args)
+    monkeypatch.setattr(prepare, "process_volume", reject_some)
+    monkeypatch.setattr(prepare, "work", flaky)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert bad & set(calls), "the interrupted part should hold a reject"
+    redone = []
+    monkeypatch.setattr(prepare, "work", lambda a: (redone.append(a[0]["name"]), real_work(a))[1])
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert not set(redone) & (set(calls) - bad), "finished volumes must not be prepared again"
+    assert_same_volumes(volumes_by_name(out), {n: v for n, v in ref.items() if n not in bad})
+    with open(out / "rejects.csv", newline="") as f:
+        assert {r["name"] for r in csv.DictReader(f)} == bad
+
+
+def test_crash_in_assembly_then_rerun(phantom_src, prepared, tmp_path, monkeypatch):
+    """Assembly only reads the staging, so a crash in the middle of it (here: before the second split
+    is in place) loses nothing, and the re-run gives the same dataset; where the file system has no
+    hard links, the staged arrays are copied instead."""
+    def no_links(src, dst):
+        raise OSError("hard links not supported")
+    real_replace = os.replace
+
+    def crash_at_val(src, dst):
+        if str(src).endswith("val.tmp"):
+            raise OSError("crash")
+        return real_replace(src, dst)
+    monkeypatch.setattr(prepare.os, "link", no_links)
+    monkeypatch.setattr(prepare.os, "replace", crash_at_val)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="crash"):
+        prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert (out / "train").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(PreparedError):
+        open_split(out, "train")
+    monkeypatch.setattr(prepare.os, "replace", real_replace)
+    redone = []
+    real_work = prepare.work
+    monkeypatch.setattr(prepare, "work", lambda a: (redone.append(a[0]["name"]), real_work(a))[1])
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert redone == []
+    assert_same_volumes(volumes_by_name(out), volumes_by_name(prepared))
+
+
+def test_changed_source_restarts_the_staging(phantom_src, tmp_path, monkeypatch, capsys):
+    """An interrupted run, then a volume removed from the source: the planned rows no longer hold,
+    so the staging starts over, and the result equals a fresh run on the changed source."""
+    src = tmp_path / "src"
+    corrupt_copy(phantom_src, src)
+    real_work, calls = prepare.work, []
+
+    def flaky(args):
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        calls.append(args[0]["name"])
+        return real_work(args)
+    monkeypatch.setattr(prepare, "work", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+    monkeypatch.setattr(prepare, "work", real_work)
+    os.remove(image_path(src, calls[0]))  # one that the interrupted run had finished
+    capsys.readouterr()
+    prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+    assert "source folder changed" in capsys.readouterr().out
+    prepare.prepare(cfg_for(src, tmp_path / "fresh"), progress=False)
+    assert_same_volumes(volumes_by_name(tmp_path / "out"), volumes_by_name(tmp_path / "fresh"))
+
+
 def test_workers_give_the_same_output(phantom_src, prepared, tmp_path):
     out = tmp_path / "out"
     prepare.prepare(cfg_for(phantom_src, out, workers=2), progress=False)
@@ -302,7 +410,7 @@ def test_disk_check_refuses_when_too_small(phantom_src, tmp_path, monkeypatch):
 
 
 def test_opening_equals_max_pool_reference():
-    """The summed-window erosion/dilation used for the body box equals max-pooling morphology."""
+    """The shifted-window erosion/dilation used for the body box equals max-pooling morphology."""
     rng = np.random.default_rng(1)
     for k in (1, 3, 7, 25):
         m = rng.random((3, 37, 53)) > 0.25
@@ -311,6 +419,26 @@ def test_opening_equals_max_pool_reference():
         dilated = F.max_pool2d(t, k, stride=1, padding=k // 2)
         assert np.array_equal(prepare.erode(m, k), eroded[:, 0].numpy() > 0)
         assert np.array_equal(prepare.dilate(m, k), dilated[:, 0].numpy() > 0)
+
+
+def test_load_nifti_matches_nibabel(tmp_path):
+    """prepare.py gunzips in one call and views the voxels in place; it must read what nib.load reads:
+    little and big endian, .nii and .nii.gz, NIfTI-2, a gzip file of several members, 4-D."""
+    import gzip
+    a = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) * 37 - 300
+    cases = {"le.nii.gz": nib.Nifti1Image(a, np.eye(4)), "be.nii.gz": nib.Nifti1Image(a.astype(">i2"), np.eye(4)),
+             "plain.nii": nib.Nifti1Image(a, np.eye(4)), "two.nii.gz": nib.Nifti2Image(a, np.diag([2, 2, 3, 1])),
+             "four_d.nii.gz": nib.Nifti1Image(np.stack([a, -a]).astype(np.uint8), np.eye(4))}
+    for name, img in cases.items():
+        nib.save(img, tmp_path / name)
+    blob = cases["le.nii.gz"].to_bytes()
+    with open(tmp_path / "members.nii.gz", "wb") as f:  # two gzip members, as bgzip or `cat a.gz b.gz` write
+        f.write(gzip.compress(blob[:500]) + gzip.compress(blob[500:]))
+    for name in list(cases) + ["members.nii.gz"]:
+        ref = nib.load(tmp_path / name)
+        img, raw = prepare.load_nifti(str(tmp_path / name), "image")
+        assert raw.dtype == ref.get_data_dtype() and np.array_equal(raw, np.asanyarray(ref.dataobj.get_unscaled()))
+        assert np.array_equal(img.affine, ref.affine), name
 
 
 def test_unreadable_file_and_worker_errors_become_rejects(phantom_src, tmp_path, monkeypatch):
