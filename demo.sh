@@ -18,7 +18,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}       # the interpreter (the tests pass their own)
 DATA=${DATA:-data/demo}             # phantom/ (CT-RATE layout) and prepared/ (memmaps) go here
 OUT=${OUT:-out/demo}                # one folder per run and per probe
-STEPS=${STEPS:-150}                 # pretraining steps of 128 slabs, per variant (the phantom preset)
+STEPS=${STEPS:-300}                 # pretraining steps of 64 slabs, per variant (the phantom preset)
 PROBE_STEPS=${PROBE_STEPS:-600}     # MIL probe SGD steps (3 seeds, whole lr/pooling grid at once)
 SIZE=64                             # in-plane pixels: stored slices, global views, probe input
 # 480 + 150 patients (868 volumes; phantom.py's default is 160 + 50): the test split then holds
@@ -59,8 +59,10 @@ for v in 0 2s; do
 done
 
 # 4. Frozen-backbone MIL linear probes on the 18 findings: the random-init floor, then both models.
+#    The floor is the pretraining runs' own step 0: same ViT, same LayerScale start (read from the preset).
+LS_INIT=$($PY -c "import json; print(json.load(open('config/phantom.json'))['layerscale_init'])")
 stamp "probe.py: random init"
-$PY probe.py --random_init --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
+$PY probe.py --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
     --out="$OUT/probe_random" $PROBE_ARGS | show "^\| (AUROC|AUPRC) |^Depth"
 for v in 0 2s; do
     stamp "probe.py: DALE-CT-$v"

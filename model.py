@@ -177,11 +177,13 @@ class ViT(nn.Module):
         return x[:, 0], x[:, 1:]  # (B, D), (B, T, D)
 
 
-def build_vit(size, img_size=256, in_chans=1):
+def build_vit(size, img_size=256, in_chans=1, init_values=1e-5):
+    """init_values: LayerScale's starting gain (DESIGN.md 4: 1e-5). It only matters for training
+    from scratch; loading weights overwrites it."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}: choose one of {', '.join(VIT_SIZES)}")
     s = VIT_SIZES[size]
-    return ViT(s.embed_dim, s.depth, s.num_heads, img_size=img_size, in_chans=in_chans)
+    return ViT(s.embed_dim, s.depth, s.num_heads, img_size=img_size, in_chans=in_chans, init_values=init_values)
 
 
 def vit_flops_per_image(vit, img_size):

@@ -44,6 +44,8 @@ class ProbeConfig:
     ckpt: str = ""                 # train.py checkpoint (.pt) or released weights (.safetensors, timm keys)
     random_init: bool = False      # evaluate an untrained backbone instead: the floor pretraining must beat
     vit: str = "tiny"              # backbone size when the checkpoint does not record one
+    layerscale_init: float = 1e-5  # random_init only: LayerScale's starting gain; give the value the
+                                   # pretraining run started from, so the floor is that run's step 0
     data: str = "data/prepared"    # folder written by prepare.py (train, val, test)
     out: str = "out/probe"         # results.json and results.md go here
     device: str = "auto"           # auto = cuda when available, else cpu
@@ -609,8 +611,9 @@ def load_model(cfg):
     """The frozen ViT and its identity (what the feature cache is keyed by)."""
     if cfg.random_init:
         torch.manual_seed(cfg.seed)
-        vit = build_vit(cfg.vit, img_size=cfg.img_size)
-        return vit, {"kind": "random_init", "vit": cfg.vit, "seed": cfg.seed, "sha256": state_dict_sha256(vit.state_dict())}
+        vit = build_vit(cfg.vit, img_size=cfg.img_size, init_values=cfg.layerscale_init)
+        return vit, {"kind": "random_init", "vit": cfg.vit, "seed": cfg.seed, "layerscale_init": cfg.layerscale_init,
+                     "sha256": state_dict_sha256(vit.state_dict())}
     path = Path(cfg.ckpt)
     if not path.is_file():
         sys.exit(f"probe.py: checkpoint {path} not found; pass --ckpt=PATH to a train.py checkpoint or released weights")

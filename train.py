@@ -57,6 +57,7 @@ class Config:
     # model (DESIGN.md 4)
     variant: str = "2s"               # "0": LeJEPA only; "1s": + anatomy heads; "2s": + abnormality heads
     vit: str = "large"                # backbone size (model.VIT_SIZES); DALE-CT uses ViT-L
+    layerscale_init: float = 1e-5     # LayerScale's starting gain (DESIGN.md 4); CaiT's rule is 0.1 up to 18 blocks
     proj_hidden: int = 2048           # projector width (DESIGN.md 4)
     proj_dim: int = 124               # K, the projector output SIGReg acts on (DESIGN.md 5)
     # views (DESIGN.md 3)
@@ -135,7 +136,8 @@ def parse_config(argv):
                 raise SystemExit(f"unknown preset {value!r} (no {path}); available: {', '.join(names)}")
             with open(path) as f:
                 for k, v in json.load(f).items():
-                    set_field(cfg, k, v, where=path)
+                    if not k.startswith("_"):  # "_why": notes on where the preset's values come from
+                        set_field(cfg, k, v, where=path)
     for arg in argv:
         key, _, value = arg[2:].partition("=")
         if key != "config":
@@ -384,7 +386,7 @@ class DaleCT(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.vit = build_vit(cfg.vit, img_size=cfg.global_size)
+        self.vit = build_vit(cfg.vit, img_size=cfg.global_size, init_values=cfg.layerscale_init)
         self.projector = Projector(self.vit.embed_dim, hidden=cfg.proj_hidden, out=cfg.proj_dim)
         self.heads = DenseHeads(self.vit.embed_dim, prepare.N_ANATOMY, len(prepare.ABNORMALITY_CODES)) if cfg.variant != "0" else None
         if cfg.variant == "1s":  # no abnormality head at all: a head outside the loss would

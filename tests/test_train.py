@@ -3,6 +3,7 @@ exact resume, learning on phantom data, bad inputs. CPU, a few seconds each."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,12 @@ def test_presets_load(name):
         assert (cfg.vit, cfg.global_size, cfg.local_size, cfg.n_local, cfg.batch_size) == ("large", 256, 144, 8, 512)
         assert (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == (3e-4, 3e-5, 5000, 50000)
         assert cfg.variant == name[len("dale_ct_"):]
+        assert (cfg.aux_weight, cfg.layerscale_init, cfg.p_abnormal_volume, cfg.lam) == (0.1, 1e-5, 0.2, 0.02)
+    # a preset that departs from DESIGN.md's recipe says why, in its "_why" notes
+    raw = json.loads((Path(train.CONFIG_DIR) / f"{name}.json").read_text())
+    recipe = ("aux_weight", "layerscale_init", "p_abnormal_volume", "lam", "abn_pos_weight", "slab_mm")
+    changed = [k for k in recipe if getattr(cfg, k) != getattr(train.Config(), k)]
+    assert all(k in json.dumps(raw.get("_why", "")) for k in changed), (name, changed)
 
 
 def test_phantom_and_full_presets_exist():
