@@ -310,7 +310,7 @@ def test_end_to_end_pretrain_probe_compare(tmp_path):
     --compare. What it can assert at this scale: the numbers are sane and the table is consistent.
     It does NOT assert that pretraining beats random init: measured here (43 test volumes), macro
     AUROC differences are noise and a random ViT's slice features already read out depth (R^2 0.89
-    random vs 0.90 trained, once the feature cache kept float32)."""
+    random vs 0.90 trained, once the feature cache kept float32; measured with LayerScale starting at 1e-5)."""
     phantom = pytest.importorskip("phantom")
     import prepare
     import train
