@@ -247,6 +247,28 @@ def test_unknown_label_column_is_fatal(phantom_src, tmp_path):
 # -----------------------------------------------------------------------------
 # Work is not lost: interrupt, resume, compare with an uninterrupted run
 
+REAL_WORK = prepare.work  # captured before any test patches it
+
+
+def interrupt_after(monkeypatch, k):
+    """Make prepare.work raise KeyboardInterrupt (a Ctrl-C) once k volumes are done; returns their names."""
+    done = []
+
+    def flaky(args):
+        if len(done) == k:
+            raise KeyboardInterrupt
+        done.append(args[0]["name"])
+        return REAL_WORK(args)
+    monkeypatch.setattr(prepare, "work", flaky)
+    return done
+
+
+def record_work(monkeypatch):
+    """Let prepare.work run as usual, recording the names of the volumes it prepares."""
+    done = []
+    monkeypatch.setattr(prepare, "work", lambda args: (done.append(args[0]["name"]), REAL_WORK(args))[1])
+    return done
+
 def read_all(root):
     out = {}
     for split in ("train", "val", "test"):
@@ -258,23 +280,13 @@ def read_all(root):
 
 def test_interrupted_then_resumed_equals_uninterrupted(phantom_src, prepared, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_work, calls = prepare.work, []
-
-    def flaky(args):
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        calls.append(args[0]["name"])
-        return real_work(args)
-
-    monkeypatch.setattr(prepare, "work", flaky)
+    calls = interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(cfg_for(phantom_src, out), progress=False)
     assert not (out / "manifest.json").exists()
     with pytest.raises(PreparedError):
         open_split(out, "train")
-    monkeypatch.setattr(prepare, "work", real_work)
-    redone = []
-    monkeypatch.setattr(prepare, "work", lambda a: (redone.append(a[0]["name"]), real_work(a))[1])
+    redone = record_work(monkeypatch)
     prepare.prepare(cfg_for(phantom_src, out), progress=False)
     assert not set(redone) & set(calls), "staged volumes must not be prepared again"
     a, b = read_all(out), read_all(prepared)
@@ -315,26 +327,19 @@ def test_rejects_on_the_way_leave_no_gap_and_resume(phantom_src, prepared, tmp_p
     ref = volumes_by_name(prepared)
     names = {s: sorted((n for n, v in ref.items() if v[0] == s), key=prepare.natural_key) for s in ("train", "test")}
     bad = {names["train"][1], names["test"][0]}
-    real_volume, real_work, calls = prepare.process_volume, prepare.work, []
+    real_volume = prepare.process_volume
 
     def reject_some(job, cfg):
         if job["name"] in bad:
             raise prepare.Reject(f"{job['path']}: injected")
         return real_volume(job, cfg)
-
-    def flaky(args):
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        calls.append(args[0]["name"])
-        return real_work(args)
     monkeypatch.setattr(prepare, "process_volume", reject_some)
-    monkeypatch.setattr(prepare, "work", flaky)
+    calls = interrupt_after(monkeypatch, 6)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(cfg_for(phantom_src, out), progress=False)
     assert bad & set(calls), "the interrupted part should hold a reject"
-    redone = []
-    monkeypatch.setattr(prepare, "work", lambda a: (redone.append(a[0]["name"]), real_work(a))[1])
+    redone = record_work(monkeypatch)
     prepare.prepare(cfg_for(phantom_src, out), progress=False)
     assert not set(redone) & (set(calls) - bad), "finished volumes must not be prepared again"
     assert_same_volumes(volumes_by_name(out), {n: v for n, v in ref.items() if n not in bad})
@@ -363,9 +368,7 @@ def test_crash_in_assembly_then_rerun(phantom_src, prepared, tmp_path, monkeypat
     with pytest.raises(PreparedError):
         open_split(out, "train")
     monkeypatch.setattr(prepare.os, "replace", real_replace)
-    redone = []
-    real_work = prepare.work
-    monkeypatch.setattr(prepare, "work", lambda a: (redone.append(a[0]["name"]), real_work(a))[1])
+    redone = record_work(monkeypatch)
     prepare.prepare(cfg_for(phantom_src, out), progress=False)
     assert redone == []
     assert_same_volumes(volumes_by_name(out), volumes_by_name(prepared))
@@ -376,17 +379,10 @@ def test_changed_source_restarts_the_staging(phantom_src, tmp_path, monkeypatch,
     so the staging starts over, and the result equals a fresh run on the changed source."""
     src = tmp_path / "src"
     corrupt_copy(phantom_src, src)
-    real_work, calls = prepare.work, []
-
-    def flaky(args):
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        calls.append(args[0]["name"])
-        return real_work(args)
-    monkeypatch.setattr(prepare, "work", flaky)
+    calls = interrupt_after(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
-    monkeypatch.setattr(prepare, "work", real_work)
+    monkeypatch.setattr(prepare, "work", REAL_WORK)
     os.remove(image_path(src, calls[0]))  # one that the interrupted run had finished
     capsys.readouterr()
     prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
