@@ -654,12 +654,15 @@ def assemble(cfg, stage, layout, rows, params):
     shapes = array_shapes(cfg.size, cfg.mask_size)
     for split in SPLITS:
         slots = layout[split]
-        kept = [(name, start, count) for name, start, count in slots if name in rows]
-        total = sum(count for _, _, count in kept)
+        placed, total = [], 0  # (name, staged start, final start, count) of each finished volume, in order
+        for name, start, count in slots:
+            if name in rows:
+                placed.append((name, start, total, count))
+                total += count
         tmp_dir = os.path.join(cfg.out, split + ".tmp")
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-        holes = len(kept) < len(slots)
+        holes = len(placed) < len(slots)
         need, free = total * sum(nbytes.values()), shutil.disk_usage(cfg.out).free
         if holes and need > 0.95 * free:
             raise SystemExit(f"{cfg.out}: not enough disk to close the gaps of rejected volumes in {split}: "
@@ -672,16 +675,11 @@ def assemble(cfg, stage, layout, rows, params):
                 continue
             staged = np.memmap(src, dt, "r", shape=(os.path.getsize(src) // nbytes[k], *shapes[k]))
             final = np.memmap(dst, dt, "w+", shape=(max(total, 1), *shapes[k]))
-            at = 0
-            for _, start, count in kept:  # in order: the final rows are the staged ones, gaps closed
+            for _, start, at, count in placed:  # the final rows are the staged ones, gaps closed
                 final[at:at + count] = staged[start:start + count]
-                at += count
             final.flush()
             del staged, final
-        table, at = [], 0
-        for name, _, count in kept:
-            table.append(dict(rows[name], start=at))
-            at += count
+        table = [dict(rows[name], start=at) for name, _, at, _ in placed]
         with open(os.path.join(tmp_dir, "volumes.json"), "w") as f:
             json.dump(table, f)
         final_dir = os.path.join(cfg.out, split)
