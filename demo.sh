@@ -7,7 +7,7 @@
 # What it showed there (211 test volumes), macro AUROC: random init 0.568, DALE-CT-0 0.586,
 # DALE-CT-2S 0.639. The dense supervision's gain is clear of its paired interval (+0.053
 # [+0.030, +0.075]); DALE-CT-0's gain over random init is not (+0.017 [-0.005, +0.042]), and
-# another pretraining seed of DALE-CT-0 gave 0.611: at this scale that step is within seed noise.
+# a second pretraining seed gave DALE-CT-0 0.611 and 2S 0.631: that first step is within seed noise.
 #
 # Everything it writes lives under data/demo/ and out/demo/ (both git-ignored); running it again
 # starts over. Sizes can be overridden from the environment, e.g. STEPS=50 bash demo.sh for a
