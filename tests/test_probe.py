@@ -306,29 +306,34 @@ def test_loads_a_train_checkpoint_at_its_own_size(tmp_path):
 
 
 def test_end_to_end_pretrain_probe_compare(tmp_path):
-    """phantom -> prepare -> 80 steps of train.py (2S) -> probe, against a random-init backbone, then
-    --compare. What it can assert at this scale: the numbers are sane and the table is consistent.
-    It does NOT assert that pretraining beats random init: measured here (43 test volumes), macro
-    AUROC differences are noise and a random ViT's slice features already read out depth (R^2 0.89
-    random vs 0.90 trained, once the feature cache kept float32; measured with LayerScale starting at 1e-5)."""
+    """phantom -> prepare -> 150 steps of train.py (2S) -> probe, against a random-init backbone, then
+    --compare: the briefly pretrained model must beat the random-init floor in macro AUROC.
+    What makes that hold at test scale (43 test volumes): every phantom volume carries finding masks
+    (rex_frac 1), so the 2S dense heads supervise the backbone on every slab. Measured on a 2-core
+    CPU (random init 0.524): pretraining seed 0 -> 0.601 (+0.078, paired 95% CI [+0.026, +0.133]),
+    seeds 1 and 2 -> +0.046 and +0.028, 80 steps of seed 0 -> +0.048; the same with 1 or 2 threads.
+    The plain LeJEPA variant (DALE-CT-0) does not separate from random init at this scale: at the
+    demo's scale its gain is +0.01 to +0.06 depending on seed and data (README)."""
     phantom = pytest.importorskip("phantom")
     import prepare
     import train
     src, prep = tmp_path / "src", tmp_path / "prep"
-    phantom.write_phantom(str(src), train_patients=60, valid_patients=30, size=64, slices=30, seed=1, workers=1)
+    phantom.write_phantom(str(src), train_patients=60, valid_patients=30, size=64, slices=30, seed=1, workers=1,
+                          rex_frac=1.0)
     prepare.prepare(prepare.Config(src=str(src), out=str(prep), z_mm=5, size=64, mask_size=64, workers=1),
                     progress=False)
-    # 32-slab steps with lam 0.3 (the preset's former setting, at which the numbers above were measured)
-    train.main(["--config=phantom", f"--data={prep}", f"--out_dir={tmp_path / 'run'}", "--max_steps=80",
-                "--warmup_steps=10", "--log_every=20", "--device=cpu", "--batch_size=32", "--micro_batch=32",
-                "--lam=0.3"])
+    train.main(["--config=phantom", "--variant=2s", f"--data={prep}", f"--out_dir={tmp_path / 'run'}",
+                "--max_steps=150", "--warmup_steps=10", "--log_every=50", "--device=cpu", "--batch_size=32",
+                "--micro_batch=32", "--seed=0"])
+    ls_init = json.loads((tmp_path / "run" / "config.json").read_text())["layerscale_init"]
     common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200"]
-    floor = probe.main(common + ["--random_init", f"--out={tmp_path / 'random'}"])
+    floor = probe.main(common + ["--random_init", f"--layerscale_init={ls_init}", f"--out={tmp_path / 'random'}"])
     trained = probe.main(common + [f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", f"--out={tmp_path / 'trained'}"])
     for res in (floor, trained):
         assert 0.3 < res["summary"]["auroc"]["mean"] < 1.0 and 0.5 < res["depth"]["test_r2"] <= 1.0
         lo, hi = res["summary"]["auroc"]["ci95"]
         assert lo <= res["summary"]["auroc"]["mean"] <= hi
+    assert trained["summary"]["auroc"]["mean"] > floor["summary"]["auroc"]["mean"]   # the point of it all
     # the comparison table: one row per run, the paired difference on the second row
     rows = probe.main([f"--compare={tmp_path / 'random'},{tmp_path / 'trained'}", f"--out={tmp_path / 'cmp'}",
                        "--n_boot=200"])
