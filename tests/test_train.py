@@ -307,18 +307,24 @@ def _main_worker(rank, world, port, argv):
     train.main(argv)
 
 
-def test_torchrun_style_main_equals_one_process(prepared, tmp_path):
+@pytest.mark.parametrize("ls_init, aux, atol", [(1e-5, 0.1, 1e-6), (0.1, 1.0, 1e-5)])
+def test_torchrun_style_main_equals_one_process(prepared, tmp_path, ls_init, aux, atol):
     """main() under 2 gloo ranks with 2 accumulation micro-steps (DDP no_sync path) == one process
-    with the same micro-batch size and 2x the accumulation: same slabs, same SIGReg batches."""
+    with the same micro-batch size and 2x the accumulation: same slabs, same SIGReg batches.
+    At DESIGN's LayerScale 1e-5 and aux 0.1 the weights agree to 1.4e-7 after 2 steps; at the demo
+    preset's 0.1 and 1.0 the blocks are active from step 1 and the worst weight differs by 1.6e-6
+    (measured), reduction-order rounding spread over every block; a reduction that skipped a
+    parameter would differ by about one Adam step (lr = 1e-3)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    common = dict(batch_size=8, max_steps=2, variant="2s", p_abnormal_volume=0.5, device="cpu")
+    common = dict(batch_size=8, max_steps=2, variant="2s", p_abnormal_volume=0.5, device="cpu",
+                  layerscale_init=ls_init, aux_weight=aux)
     train.main(tiny_args(prepared, one, micro_batch=4, **common))  # 1 rank x 4 slabs x 2 micro-steps
     mp.spawn(_main_worker, args=(2, 29500 + (os.getpid() + 7) % 1000, tiny_args(prepared, two, micro_batch=2, **common)), nprocs=2)
     # 2 ranks x 2 slabs x 2 micro-steps: a micro-step's SIGReg batch is again 4 slabs, the same 4
     a, b = load_ckpt(one), load_ckpt(two)
     for part in ("model", "projector", "heads"):
         for k in a[part]:
-            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-6, msg=f"{part}.{k}")
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=atol, msg=f"{part}.{k}")
     la = [json.loads(line) for line in open(one / "log.jsonl")]
     lb = [json.loads(line) for line in open(two / "log.jsonl")]
     for ra, rb in zip(la, lb):
