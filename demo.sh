@@ -59,8 +59,9 @@ for v in 0 2s; do
 done
 
 # 4. Frozen-backbone MIL linear probes on the 18 findings: the random-init floor, then both models.
-#    The floor is the pretraining runs' own step 0: same ViT, same LayerScale start (read from the preset).
-LS_INIT=$($PY -c "import json; print(json.load(open('config/phantom.json'))['layerscale_init'])")
+#    The floor is the pretraining runs' own step 0: same ViT, same LayerScale start (read from the
+#    run's config.json, so a TRAIN_ARGS override of it reaches the floor too).
+LS_INIT=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['layerscale_init'])" "$OUT/dale_ct_0/config.json")
 stamp "probe.py: random init"
 $PY probe.py --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
     --out="$OUT/probe_random" $PROBE_ARGS | show "^\| (AUROC|AUPRC) |^Depth"

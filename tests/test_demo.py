@@ -47,7 +47,8 @@ def test_demo_end_to_end_small(tmp_path):
     kinds = [json.loads((out / f"probe_{n}" / "results.json").read_text())["backbone"]["kind"]
              for n in ("random", "0", "2s")]
     assert kinds == ["random_init", "checkpoint", "checkpoint"]
-    # the floor starts where the pretraining runs started: the preset's LayerScale gain
+    # the floor starts where the pretraining runs started: their LayerScale gain, here the preset's
     preset = json.loads((ROOT / "config" / "phantom.json").read_text())
+    run = json.loads((out / "dale_ct_0" / "config.json").read_text())
     floor = json.loads((out / "probe_random" / "results.json").read_text())["backbone"]
-    assert floor["layerscale_init"] == preset["layerscale_init"]
+    assert floor["layerscale_init"] == run["layerscale_init"] == preset["layerscale_init"]

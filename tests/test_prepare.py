@@ -269,6 +269,7 @@ def record_work(monkeypatch):
     monkeypatch.setattr(prepare, "work", lambda args: (done.append(args[0]["name"]), REAL_WORK(args))[1])
     return done
 
+
 def read_all(root):
     out = {}
     for split in ("train", "val", "test"):
