@@ -324,7 +324,7 @@ def test_end_to_end_pretrain_probe_compare(tmp_path):
                     progress=False)
     train.main(["--config=phantom", "--variant=2s", f"--data={prep}", f"--out_dir={tmp_path / 'run'}",
                 "--max_steps=150", "--warmup_steps=10", "--log_every=50", "--device=cpu", "--batch_size=32",
-                "--micro_batch=32", "--seed=0"])
+                "--micro_batch=32", "--aux_weight=1.0", "--seed=0"])
     ls_init = json.loads((tmp_path / "run" / "config.json").read_text())["layerscale_init"]
     common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200"]
     floor = probe.main(common + ["--random_init", f"--layerscale_init={ls_init}", f"--out={tmp_path / 'random'}"])
