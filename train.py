@@ -83,7 +83,7 @@ class Config:
     # loss (DESIGN.md 4-5)
     lam: float = 0.02                 # lambda: L = (1 - lam) * inv + lam * SIGReg. Collapse costs
                                       # lam * 0.402 * N (N = SIGReg's batch), so small batches need a
-                                      # larger lam: the phantom preset keeps lam * N near 0.02 * 512
+                                      # larger lam: the phantom preset (32 slabs) uses 0.08
     num_slices: int = 1024            # M, SIGReg's random directions, redrawn every step
     fused_sigreg: bool = True         # on CUDA: the Triton SIGReg kernel (kernels/sigreg.py), same numbers
     aux_weight: float = 0.1           # aux = aux_weight * (0.5 * L_cls + 0.5 * L_patch)

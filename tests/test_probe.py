@@ -315,7 +315,7 @@ def test_end_to_end_pretrain_probe_compare(tmp_path):
     (+0.078, paired 95% CI [+0.026, +0.133]), seeds 1 and 2 -> +0.046 and +0.028, 80 steps of seed 0
     -> +0.048; the same with 1 or 2 threads.
     The plain LeJEPA variant (DALE-CT-0) does not separate from random init at this scale: at the
-    demo's scale its gain is +0.01 to +0.06 depending on seed, data and steps (README)."""
+    demo's scale its gain is +0.01 to +0.07 depending on seed, data and steps (README)."""
     phantom = pytest.importorskip("phantom")
     import prepare
     import train
