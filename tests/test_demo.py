@@ -4,6 +4,7 @@ runs, the comparison table has its three rows in order with sane numbers. Whethe
 needs the full demo's sizes (README); a handful of steps on 20 volumes cannot show it."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,3 +53,12 @@ def test_demo_end_to_end_small(tmp_path):
     run = json.loads((out / "dale_ct_0" / "config.json").read_text())
     floor = json.loads((out / "probe_random" / "results.json").read_text())["backbone"]
     assert floor["layerscale_init"] == run["layerscale_init"] == preset["layerscale_init"]
+
+
+def test_readme_file_table_counts_lines_right():
+    """The README's file table states each file's length; it drifts whenever a file changes."""
+    rows = re.findall(r"^\| `([\w/]+\.py)` \| (\d+) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 7, rows
+    for name, lines in rows:
+        actual = len((ROOT / name).read_text().splitlines())
+        assert int(lines) == actual, f"README says {name} has {lines} lines, it has {actual}"
