@@ -791,8 +791,9 @@ def compare(dirs, cfg):
     y = runs[0][2]["labels"]
     samples = [bootstrap_samples(y, r[2]["scores"], "auroc", None, cfg.n_boot, cfg.seed) for r in runs]
     fmt = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
-    lines = ["| model | macro AUROC ± seed std [95% CI] | Δ AUROC vs row above [paired 95% CI] | macro AUPRC | "
-             "macro F1 | depth R² | pretraining |", "|---|---|---|---|---|---|---|"]
+    ci = lambda m: f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    lines = ["| model | macro AUROC ± seed std [95% CI] | Δ AUROC vs row above [paired 95% CI] | macro AUPRC [95% CI] | "
+             "macro F1 [95% CI] | depth R² | pretraining |", "|---|---|---|---|---|---|---|"]
     rows = []
     for i, (d, res, sc) in enumerate(runs):
         s, b = res["summary"], res["backbone"]
@@ -807,7 +808,7 @@ def compare(dirs, cfg):
                      "delta_auroc": diff, "train_s": t})
         lines.append(f"| {label} | {fmt(s['auroc'])} | "
                      + (f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else "") + " | "
-                     + f"{s['auprc']['mean']:.3f} | {s['f1']['mean']:.3f} | {res['depth']['test_r2']:.3f} | "
+                     + f"{ci(s['auprc'])} | {ci(s['f1'])} | {res['depth']['test_r2']:.3f} | "
                      + (f"{t / 60:.1f} min" if t is not None else "") + " |")
     res0 = runs[0][1]
     lines += ["", f"Test: {len(y)} volumes, {res0['config']['seeds']} probe seeds, {cfg.n_boot} bootstrap resamples; "

@@ -44,6 +44,12 @@ def test_demo_end_to_end_small(tmp_path):
     assert len(table) == 5 and [t.split("|")[1].strip() for t in table[2:]] == ["random init", "dale_ct_0",
                                                                                  "dale_ct_2s"]
     assert "| dale_ct_2s |" in run.stdout
+    # AUPRC and F1 carry their bootstrap intervals too, the numbers of each run's results.json
+    for line, r in zip(table[2:], rows):
+        for cell, m in zip(line.split("|")[4:6], ("auprc", "f1")):
+            got = [float(x) for x in re.fullmatch(r" (\d\.\d+) \[(\d\.\d+), (\d\.\d+)\] ", cell).groups()]
+            want = [r["summary"][m]["mean"], *r["summary"][m]["ci95"]]
+            assert got == pytest.approx(want, abs=5e-4) and got[1] <= got[2], (m, cell)
     # each probe really scored its own backbone
     kinds = [json.loads((out / f"probe_{n}" / "results.json").read_text())["backbone"]["kind"]
              for n in ("random", "0", "2s")]
@@ -57,8 +63,8 @@ def test_demo_end_to_end_small(tmp_path):
 
 def test_readme_file_table_counts_lines_right():
     """The README's file table states each file's length; it drifts whenever a file changes."""
-    rows = re.findall(r"^\| `([\w/]+\.py)` \| (\d+) \|", (ROOT / "README.md").read_text(), re.M)
-    assert len(rows) >= 7, rows
+    rows = re.findall(r"^\| `([\w/]+\.(?:py|sh))` \| (\d+) \|", (ROOT / "README.md").read_text(), re.M)
+    assert len(rows) >= 18, rows
     for name, lines in rows:
         actual = len((ROOT / name).read_text().splitlines())
         assert int(lines) == actual, f"README says {name} has {lines} lines, it has {actual}"
