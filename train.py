@@ -711,6 +711,16 @@ def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2
     return ok
 
 
+def resolve_device(name, local_rank=None):
+    """The torch.device this process trains on. A CUDA device always carries an index, because
+    torch.cuda.set_device refuses a bare "cuda" (a single-GPU run once failed there): the local rank
+    under torchrun, else the current GPU."""
+    device = torch.device(name)
+    if device.type != "cuda" or device.index is not None:
+        return device
+    return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
+
+
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
@@ -720,9 +730,9 @@ def main(argv=None):
     if ddp:
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-        device = torch.device(f"cuda:{local}" if cfg.device == "cuda" else "cpu")
+        device = resolve_device(cfg.device, local)
     else:
-        rank, world, device = 0, 1, torch.device(cfg.device)
+        rank, world, device = 0, 1, resolve_device(cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

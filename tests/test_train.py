@@ -495,3 +495,15 @@ def test_pictures_are_optional_and_drawn_when_possible(prepared, tmp_path, monke
     log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "inv": 0.1, "sigreg": 2.0}) for s in (1, 2, 3)))
     png = train.plot_losses(str(log), str(tmp_path / "loss.png"), lines.append)
     assert os.path.getsize(png) > 1000
+
+
+def test_cuda_device_always_has_an_index(monkeypatch):
+    """torch.cuda.set_device refuses a bare "cuda": on a one-GPU run (no torchrun) main() failed there
+    on an H200 until the device carried an index. The current GPU, or the local rank under torchrun."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert train.resolve_device("cuda") == torch.device("cuda", 3)
+    assert train.resolve_device("cuda", local_rank=5) == torch.device("cuda", 5)
+    assert train.resolve_device("cuda:1", local_rank=5) == torch.device("cuda", 1)   # an explicit index wins
+    assert train.resolve_device("cpu", local_rank=5) == torch.device("cpu")
+    for name in ("cuda", "cuda:2"):
+        assert train.resolve_device(name).index is not None
