@@ -629,17 +629,32 @@ def pyplot(log):
         return None
 
 
+def picture_sample(ds, cfg, tries=256):
+    """(plan, slab slice indices) of the sample to draw: the first training draw (step s, slot 0)
+    whose slab shows a finding, so that the picture has abnormality masks to show; step 0's draw if
+    none of the first `tries` does."""
+    first = None
+    for step in range(tries):
+        plan = plan_slabs(ds, cfg, step, [0])
+        v = int(plan["vol"][0])
+        lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
+        slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
+        first = first or (plan, slab)
+        if ds.has_abnormality[v] and ds.abnormal[slab.start:slab.stop].any():
+            return plan, slab
+    return first
+
+
 def draw_sample(ds, cfg, path, log=print):
     """One training sample as the model sees it: the slab's slices (centre framed) with the anatomy
-    mask, then the 2 global and n_local local views with the patch targets of the dense heads
-    (colour: the majority anatomy class of each 16 px patch; red boxes: patches with an abnormality)."""
+    mask (colours) and the finding masks (red outlines), then the 2 global and n_local local views
+    with the patch targets of the dense heads (colour: the majority anatomy class of each 16 px
+    patch; red boxes: patches with an abnormality)."""
     plt = pyplot(log)
     if plt is None:
         return None
-    plan = plan_slabs(ds, cfg, 0, [0])
+    plan, slab = picture_sample(ds, cfg)
     v = int(plan["vol"][0])
-    lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
-    slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
     views = make_views(gather(ds, plan), dataclass_replace(cfg, variant="2s"), torch.device("cpu"))
     ncol = max(len(slab), 2 + cfg.n_local // 2)
     fig, axes = plt.subplots(3, ncol, figsize=(2 * ncol, 6.4), squeeze=False)
@@ -651,6 +666,10 @@ def draw_sample(ds, cfg, path, log=print):
         m = ds.anatomy[i].astype(float)
         ax.imshow(np.ma.masked_equal(m, 0), cmap="tab20", alpha=0.35, extent=(-0.5, ds.slices.shape[-1] - 0.5) * 2,
                   interpolation="nearest")
+        finding = ds.abnormal[i] > 0  # (mask_size, mask_size), any of the 14 categories
+        if finding.any():  # outlined in slice pixels: mask pixel centres scaled to the slice grid
+            xy = (np.arange(finding.shape[-1]) + 0.5) * ds.slices.shape[-1] / finding.shape[-1] - 0.5
+            ax.contour(xy, xy, finding.astype(float), levels=[0.5], colors="red", linewidths=0.8)
         ax.set_title(f"{ds.depth_mm[i] - ds.depth_mm[plan['centre'][0]]:+.0f} mm" + (" (centre)" if i == plan["centre"][0] else ""),
                      fontsize=8)
     shown = [("g", k, views["xg"][k, 0]) for k in range(2)] + [("l", k, views["xl"][k, 0]) for k in range(cfg.n_local)]

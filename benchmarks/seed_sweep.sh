@@ -48,7 +48,8 @@ if [ ! -f "$DATA/prepared/manifest.json" ]; then
 fi
 
 stamp "random-init floor (in the background)"
-$PY probe.py --random_init --layerscale_init=0.1 --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
+LS_INIT=$($PY -c "import json; print(json.load(open('config/phantom.json'))['layerscale_init'])")  # the runs' step 0
+$PY probe.py --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
     --out="$RUNS/probe_random" > "$OUTD/logs/probe_random.log" 2>&1 &
 floor=$!
 

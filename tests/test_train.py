@@ -471,6 +471,21 @@ def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
     assert not train.fused_sigreg_ok("cuda", lines.append) and "PTX compile failed" in lines[-1]
 
 
+def test_picture_shows_a_finding_when_there_is_one(prepared):
+    """--picture draws the first training draw whose slab holds finding masks (step 0's slab often has
+    none), and falls back to step 0's draw where no volume has masks."""
+    ds = prepare.open_split(prepared, "train")
+    cfg = tiny_cfg(prepared, variant="0")
+    assert ds.has_abnormality.any() and not ds.has_abnormality.all()
+    plan, slab = train.picture_sample(ds, cfg)
+    v = int(plan["vol"][0])
+    assert ds.start[v] <= slab.start and slab.stop <= ds.start[v] + ds.count[v] and int(plan["centre"][0]) in slab
+    assert ds.abnormal[slab.start:slab.stop].any()
+    ds.has_abnormality = np.zeros_like(ds.has_abnormality)  # no volume with masks: step 0's draw
+    plan0, _ = train.picture_sample(ds, cfg)
+    assert all(np.array_equal(plan0[k], train.plan_slabs(ds, cfg, 0, [0])[k]) for k in plan0)
+
+
 def test_pictures_are_optional_and_drawn_when_possible(prepared, tmp_path, monkeypatch):
     """--picture and the loss curve: with matplotlib a PNG; without it, one line saying how to get it."""
     import builtins
