@@ -2,7 +2,7 @@
 # The newcomer demo, on a CPU: phantom chest CTs -> prepare -> pretrain DALE-CT-0 and DALE-CT-2S
 # -> frozen MIL linear probe of both and of a random-init backbone -> one comparison table.
 #
-#     bash demo.sh            # 11-12 minutes on this 2-core CPU machine (runs of 10 min 49 s and 12 min 10 s), plus the install
+#     bash demo.sh            # 11-16 minutes on these 2-core CPU machines (runs of 10 min 49 s, 12 min 10 s and 15 min 51 s), plus the install
 #
 # What it showed there (211 test volumes), macro AUROC with the paired 95% interval of each step:
 # random init 0.568, DALE-CT-0 0.598 (+0.029 [+0.003, +0.057]), DALE-CT-2S 0.664 (+0.066

@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # The demo's comparison over many pretraining seeds, on a GPU: the demo's phantom and prepared data,
-# then DALE-CT-0 and DALE-CT-2S at the phantom preset for each seed (and 2S at other dense-head
-# weights), each probed as demo.sh probes it, several jobs at once on one GPU. It answers what one
-# CPU demo run cannot: how far each step of the table moves with the pretraining seed.
+# then DALE-CT-0 and DALE-CT-2S at the phantom preset for each seed (and 2S candidates: other
+# train.py settings), each probed as demo.sh probes it, several jobs at once on one GPU. It answers
+# what one CPU demo run cannot: how far each step of the table moves with the pretraining seed.
 #
-#     bash benchmarks/seed_sweep.sh [SEEDS] [PARALLEL] [EXTRA_2S_WEIGHTS]    # defaults: 8 8 "0.15 0.6"
+#     bash benchmarks/seed_sweep.sh [SEEDS] [PARALLEL] [CANDIDATES]
+#     bash benchmarks/seed_sweep.sh 8 8 "aux0.15:--aux_weight=0.15 lr5e-4:--lr=5e-4,--warmup_steps=30"
+#
+# A candidate is NAME:ARGS, ARGS being train.py overrides joined by commas, applied to 2S on top of
+# the preset and compared with the preset's DALE-CT-0 at the same seed. Default: dense-head weights
+# 0.15 and 0.6. A phantom change is a sweep of its own: SWEEP_PHANTOM_ARGS and another SWEEP_DATA.
 #
 # Writes under $OUT (or out/seed_sweep): sweep.md (one row per seed: the three AUROCs and the two
 # paired steps with their intervals, then means), sweep.json, and each job's log. On a GPU train.py
@@ -18,22 +23,24 @@ RUNS=${SWEEP_RUNS:-/tmp/sweep_runs}
 SIZE=64
 STEPS=${SWEEP_STEPS:-600}           # pretraining steps (the preset's 600); the tests pass a few
 PROBE_STEPS=${SWEEP_PROBE_STEPS:-600}
+PROBE_ARGS=${SWEEP_PROBE_ARGS:-}    # extra probe.py options (the tests pass fewer seeds)
 PHANTOM_ARGS=${SWEEP_PHANTOM_ARGS:---train_patients=480 --valid_patients=150}   # demo.sh's data
 WORKERS=${SWEEP_WORKERS:-16}
 
-if [ "${1:-}" = job ]; then   # one pretraining and its probe: job VARIANT SEED AUX
-    v=$2; s=$3; w=$4; name="dale_ct_${v}_s${s}_w${w}"
+if [ "${1:-}" = job ]; then   # one pretraining and its probe: job VARIANT SEED CANDIDATE ARGS (ARGS: a,b,c or -)
+    v=$2; s=$3; c=$4; name="dale_ct_${v}_s${s}_${c}"
+    args=(); [ "$5" = - ] || IFS=, read -ra args <<< "$5"
     log="$OUTD/logs/$name.log"
-    { $PY train.py --config=phantom --variant="$v" --seed="$s" --aux_weight="$w" --data="$DATA/prepared" \
-          --out_dir="$RUNS/$name" --max_steps=$STEPS --log_every=100 \
+    { $PY train.py --config=phantom --variant="$v" --seed="$s" --data="$DATA/prepared" \
+          --out_dir="$RUNS/$name" --max_steps=$STEPS --log_every=100 "${args[@]}" \
       && $PY probe.py --ckpt="$RUNS/$name/ckpt.pt" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
-          --out="$RUNS/probe_$name"; } > "$log" 2>&1
+          --out="$RUNS/probe_$name" $PROBE_ARGS; } > "$log" 2>&1
     rc=$?
     echo "$name rc=$rc $(grep -E "^step $STEPS/" "$log" | tail -1 | grep -oE '[0-9.]+ slabs/s') $(grep -E '^\| AUROC' "$log" | head -1)"
     exit 0
 fi
 
-SEEDS=${1:-8}; PAR=${2:-8}; EXTRA=${3:-"0.15 0.6"}
+SEEDS=${1:-8}; PAR=${2:-8}; CANDIDATES=${3:-"aux0.15:--aux_weight=0.15 aux0.6:--aux_weight=0.6"}
 mkdir -p "$OUTD/logs" "$RUNS"
 export OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
 start=$(date +%s)
@@ -50,16 +57,16 @@ fi
 stamp "random-init floor (in the background)"
 LS_INIT=$($PY -c "import json; print(json.load(open('config/phantom.json'))['layerscale_init'])")  # the runs' step 0
 $PY probe.py --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
-    --out="$RUNS/probe_random" > "$OUTD/logs/probe_random.log" 2>&1 &
+    --out="$RUNS/probe_random" $PROBE_ARGS > "$OUTD/logs/probe_random.log" 2>&1 &
 floor=$!
 
-# Job order: the preset's pairs for the first half of the seeds, the other weights, then the rest,
-# so a run cut short still holds matched pairs.
+# Job order: the preset's pairs for the first half of the seeds, the candidates, then the rest, so a
+# run cut short still holds matched pairs.
 half=$(( (SEEDS + 1) / 2 ))
 {
-    for s in $(seq 0 $(( half - 1 ))); do echo "0 $s 0.3"; echo "2s $s 0.3"; done
-    for w in $EXTRA; do for s in $(seq 0 $(( half - 1 ))); do echo "2s $s $w"; done; done
-    for s in $(seq $half $(( SEEDS - 1 ))); do echo "0 $s 0.3"; echo "2s $s 0.3"; done
+    for s in $(seq 0 $(( half - 1 ))); do echo "0 $s preset -"; echo "2s $s preset -"; done
+    for cand in $CANDIDATES; do for s in $(seq 0 $(( half - 1 ))); do echo "2s $s ${cand%%:*} ${cand#*:}"; done; done
+    for s in $(seq $half $(( SEEDS - 1 ))); do echo "0 $s preset -"; echo "2s $s preset -"; done
 } > "$OUTD/jobs.txt"
 stamp "$(wc -l < "$OUTD/jobs.txt") jobs, $PAR at a time"
 timeout "${SWEEP_DEADLINE:-100000}" xargs -P "$PAR" -L 1 bash "$0" job < "$OUTD/jobs.txt"
@@ -67,7 +74,7 @@ stamp "jobs done (or deadline reached)"
 wait $floor || { tail "$OUTD/logs/probe_random.log"; exit 1; }
 
 $PY - "$RUNS" "$OUTD" <<'EOF'
-# One row per seed and dense-head weight: AUROC of the floor, DALE-CT-0 and 2S, and the paired
+# One row per seed and 2S candidate: AUROC of the floor, DALE-CT-0 and 2S, and the paired
 # bootstrap interval of each step (probe.compare, as demo.sh's table computes it).
 import json, sys, re
 from pathlib import Path
@@ -76,27 +83,27 @@ import probe
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = probe.ProbeConfig(n_boot=1000)
 rows = []
-for p2 in sorted(runs.glob("probe_dale_ct_2s_s*_w*")):
-    s, w = re.match(r"probe_dale_ct_2s_s(\d+)_w([\d.]+)", p2.name).groups()
-    p0 = runs / f"probe_dale_ct_0_s{s}_w0.3"
+for p2 in sorted(runs.glob("probe_dale_ct_2s_s*_*")):
+    s, w = re.match(r"probe_dale_ct_2s_s(\d+)_(.+)", p2.name).groups()
+    p0 = runs / f"probe_dale_ct_0_s{s}_preset"
     if not (p0 / "results.json").exists() or not (p2 / "results.json").exists():
         continue
     cfg.out = str(out / f"cmp_s{s}_w{w}")
     r = probe.compare([str(runs / "probe_random"), str(p0), str(p2)], cfg)
-    rows.append({"seed": int(s), "aux_weight": float(w), "random": r[0]["summary"]["auroc"]["mean"],
+    rows.append({"seed": int(s), "candidate": w, "random": r[0]["summary"]["auroc"]["mean"],
                  "dale_ct_0": r[1]["summary"]["auroc"]["mean"], "dale_ct_2s": r[2]["summary"]["auroc"]["mean"],
                  "step1": r[1]["delta_auroc"], "step2": r[2]["delta_auroc"],
                  "train_s": [r[1]["train_s"], r[2]["train_s"]]})
-rows.sort(key=lambda r: (r["aux_weight"], r["seed"]))
+rows.sort(key=lambda r: (r["candidate"] != "preset", r["candidate"], r["seed"]))
 f = lambda d: f"{d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]" + (" *" if d[1] > 0 else "")
-lines = ["| 2S aux weight | seed | random | DALE-CT-0 | 2S | 0 vs random | 2S vs 0 |", "|---|---|---|---|---|---|---|"]
-lines += [f"| {r['aux_weight']} | {r['seed']} | {r['random']:.3f} | {r['dale_ct_0']:.3f} | {r['dale_ct_2s']:.3f} | "
+lines = ["| 2S | seed | random | DALE-CT-0 | 2S | 0 vs random | 2S vs 0 |", "|---|---|---|---|---|---|---|"]
+lines += [f"| {r['candidate']} | {r['seed']} | {r['random']:.3f} | {r['dale_ct_0']:.3f} | {r['dale_ct_2s']:.3f} | "
           f"{f(r['step1'])} | {f(r['step2'])} |" for r in rows]
 lines += ["", "(* = the paired 95% interval excludes 0)", ""]
-for w in sorted({r["aux_weight"] for r in rows}):
-    g = [r for r in rows if r["aux_weight"] == w]
+for w in dict.fromkeys(r["candidate"] for r in rows):
+    g = [r for r in rows if r["candidate"] == w]
     d1 = np.array([r["step1"][0] for r in g]); d2 = np.array([r["step2"][0] for r in g])
-    lines.append(f"aux {w}: {len(g)} seeds; DALE-CT-0 {np.mean([r['dale_ct_0'] for r in g]):.3f}, "
+    lines.append(f"{w}: {len(g)} seeds; DALE-CT-0 {np.mean([r['dale_ct_0'] for r in g]):.3f}, "
                  f"2S {np.mean([r['dale_ct_2s'] for r in g]):.3f}; step 1 {d1.mean():+.3f} (sd {d1.std(ddof=1) if len(g) > 1 else 0:.3f}, "
                  f"{sum(r['step1'][1] > 0 for r in g)}/{len(g)} clear), step 2 {d2.mean():+.3f} "
                  f"(sd {d2.std(ddof=1) if len(g) > 1 else 0:.3f}, {sum(r['step2'][1] > 0 for r in g)}/{len(g)} clear)")

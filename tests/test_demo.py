@@ -68,3 +68,34 @@ def test_readme_file_table_counts_lines_right():
     for name, lines in rows:
         actual = len((ROOT / name).read_text().splitlines())
         assert int(lines) == actual, f"README says {name} has {lines} lines, it has {actual}"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="seed_sweep.sh needs bash")
+def test_seed_sweep_small(tmp_path):
+    """benchmarks/seed_sweep.sh, scaled down: one seed, the preset pair and one 2S candidate. Its
+    table pairs each 2S run with the same seed's DALE-CT-0, and a candidate's overrides reach train.py."""
+    env = dict(os.environ, PY=sys.executable, OUT=str(tmp_path / "out"), SWEEP_DATA=str(tmp_path / "data"),
+               SWEEP_RUNS=str(tmp_path / "runs"), SWEEP_STEPS="4", SWEEP_PROBE_STEPS="10", SWEEP_WORKERS="1",
+               SWEEP_PHANTOM_ARGS="--train_patients=12 --valid_patients=6 --slices=20",
+               SWEEP_PROBE_ARGS="--seeds=2 --n_boot=100 --evals=2")
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "seed_sweep.sh"), "1", "2",
+                          "aux0.6:--aux_weight=0.6,--lr=5e-4"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [(r["candidate"], r["seed"]) for r in rows] == [("preset", 0), ("aux0.6", 0)]
+    for r in rows:  # each step is the difference of the AUROCs beside it
+        assert r["step1"][0] == pytest.approx(r["dale_ct_0"] - r["random"])
+        assert r["step2"][0] == pytest.approx(r["dale_ct_2s"] - r["dale_ct_0"])
+        assert r["step2"][1] <= r["step2"][0] <= r["step2"][2]
+    assert rows[0]["dale_ct_0"] == rows[1]["dale_ct_0"]  # both 2S runs against the same DALE-CT-0
+    runs = tmp_path / "runs"
+    preset = json.loads((ROOT / "config" / "phantom.json").read_text())
+    cand = json.loads((runs / "dale_ct_2s_s0_aux0.6" / "config.json").read_text())
+    base = json.loads((runs / "dale_ct_2s_s0_preset" / "config.json").read_text())
+    assert (cand["aux_weight"], cand["lr"]) == (0.6, 5e-4)
+    assert (base["aux_weight"], base["lr"]) == (preset["aux_weight"], preset["lr"])
+    assert json.loads((runs / "dale_ct_0_s0_preset" / "config.json").read_text())["variant"] == "0"
+    floor = json.loads((runs / "probe_random" / "results.json").read_text())["backbone"]
+    assert floor["layerscale_init"] == preset["layerscale_init"]
+    assert "| aux0.6 | 0 |" in (tmp_path / "out" / "sweep.md").read_text()
