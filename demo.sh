@@ -6,9 +6,9 @@
 #
 # What it showed there (211 test volumes), macro AUROC with the paired 95% interval of each step:
 # random init 0.568, DALE-CT-0 0.598 (+0.029 [+0.003, +0.057]), DALE-CT-2S 0.664 (+0.066
-# [+0.046, +0.086]). With pretraining seeds 1-4 DALE-CT-0 beat random init by more (+0.072,
-# +0.060, +0.060, +0.062) and 2S led DALE-CT-0 by only +0.003, +0.011, +0.008 and +0.016, within
-# the intervals.
+# [+0.046, +0.086]). With pretraining seeds 1-6 DALE-CT-0 beat random init by more (+0.072,
+# +0.060, +0.060, +0.062, +0.067, +0.043) and 2S led DALE-CT-0 by only +0.003, +0.011, +0.008,
+# +0.016, +0.003 and +0.013, within the intervals (README: the seed table).
 #
 # Everything it writes lives under data/demo/ and out/demo/ (both git-ignored); running it again
 # starts over. Sizes can be overridden from the environment, e.g. STEPS=50 bash demo.sh for a
