@@ -84,13 +84,13 @@ runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = probe.ProbeConfig(n_boot=1000)
 rows = []
 for p2 in sorted(runs.glob("probe_dale_ct_2s_s*_*")):
-    s, w = re.match(r"probe_dale_ct_2s_s(\d+)_(.+)", p2.name).groups()
+    s, c = re.match(r"probe_dale_ct_2s_s(\d+)_(.+)", p2.name).groups()
     p0 = runs / f"probe_dale_ct_0_s{s}_preset"
     if not (p0 / "results.json").exists() or not (p2 / "results.json").exists():
         continue
-    cfg.out = str(out / f"cmp_s{s}_w{w}")
+    cfg.out = str(out / f"cmp_s{s}_{c}")
     r = probe.compare([str(runs / "probe_random"), str(p0), str(p2)], cfg)
-    rows.append({"seed": int(s), "candidate": w, "random": r[0]["summary"]["auroc"]["mean"],
+    rows.append({"seed": int(s), "candidate": c, "random": r[0]["summary"]["auroc"]["mean"],
                  "dale_ct_0": r[1]["summary"]["auroc"]["mean"], "dale_ct_2s": r[2]["summary"]["auroc"]["mean"],
                  "step1": r[1]["delta_auroc"], "step2": r[2]["delta_auroc"],
                  "train_s": [r[1]["train_s"], r[2]["train_s"]]})
@@ -100,10 +100,10 @@ lines = ["| 2S | seed | random | DALE-CT-0 | 2S | 0 vs random | 2S vs 0 |", "|--
 lines += [f"| {r['candidate']} | {r['seed']} | {r['random']:.3f} | {r['dale_ct_0']:.3f} | {r['dale_ct_2s']:.3f} | "
           f"{f(r['step1'])} | {f(r['step2'])} |" for r in rows]
 lines += ["", "(* = the paired 95% interval excludes 0)", ""]
-for w in dict.fromkeys(r["candidate"] for r in rows):
-    g = [r for r in rows if r["candidate"] == w]
+for c in dict.fromkeys(r["candidate"] for r in rows):
+    g = [r for r in rows if r["candidate"] == c]
     d1 = np.array([r["step1"][0] for r in g]); d2 = np.array([r["step2"][0] for r in g])
-    lines.append(f"{w}: {len(g)} seeds; DALE-CT-0 {np.mean([r['dale_ct_0'] for r in g]):.3f}, "
+    lines.append(f"{c}: {len(g)} seeds; DALE-CT-0 {np.mean([r['dale_ct_0'] for r in g]):.3f}, "
                  f"2S {np.mean([r['dale_ct_2s'] for r in g]):.3f}; step 1 {d1.mean():+.3f} (sd {d1.std(ddof=1) if len(g) > 1 else 0:.3f}, "
                  f"{sum(r['step1'][1] > 0 for r in g)}/{len(g)} clear), step 2 {d2.mean():+.3f} "
                  f"(sd {d2.std(ddof=1) if len(g) > 1 else 0:.3f}, {sum(r['step2'][1] > 0 for r in g)}/{len(g)} clear)")
