@@ -21,10 +21,10 @@ OUTD=${OUT:-out/seed_sweep}
 DATA=${SWEEP_DATA:-/tmp/sweep_data}
 RUNS=${SWEEP_RUNS:-/tmp/sweep_runs}
 SIZE=64
-STEPS=${SWEEP_STEPS:-600}           # pretraining steps (the preset's 600); the tests pass a few
+STEPS=${SWEEP_STEPS:-400}           # pretraining steps (the preset's 400); the tests pass a few
 PROBE_STEPS=${SWEEP_PROBE_STEPS:-600}
 PROBE_ARGS=${SWEEP_PROBE_ARGS:-}    # extra probe.py options (the tests pass fewer seeds)
-PHANTOM_ARGS=${SWEEP_PHANTOM_ARGS:---train_patients=480 --valid_patients=150}   # demo.sh's data
+PHANTOM_ARGS=${SWEEP_PHANTOM_ARGS:---train_patients=480 --valid_patients=900}   # demo.sh's data
 WORKERS=${SWEEP_WORKERS:-16}
 
 if [ "${1:-}" = job ]; then   # one pretraining and its probe: job VARIANT SEED CANDIDATE ARGS (ARGS: a,b,c or -)

@@ -157,6 +157,18 @@ def test_2s_oversamples_abnormal_volumes(prepared):
     assert abs(seen["2s"] - (0.5 + 0.5 * frac)) < 0.07
 
 
+def test_variants_see_the_same_slabs_when_every_volume_has_masks(prepared):
+    """The demo's phantom carries finding masks on every volume; there 2S's over-sampling draws from
+    all volumes, and its draws must be DALE-CT-0's exactly, so that the demo's two runs at one seed
+    differ only in their loss (a paired comparison)."""
+    ds = prepare.open_split(prepared, "train")
+    ds.has_abnormality = np.ones(len(ds), bool)
+    plans = [train.plan_slabs(ds, tiny_cfg(prepared, variant=v, p_abnormal_volume=0.5), 3, range(200))
+             for v in ("0", "2s")]
+    assert len(set(plans[0]["vol"])) > 1
+    assert all(np.array_equal(plans[0][k], plans[1][k]) for k in plans[0])
+
+
 # -----------------------------------------------------------------------------
 # Views and soft targets
 
