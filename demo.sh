@@ -2,13 +2,12 @@
 # The newcomer demo, on a CPU: phantom chest CTs -> prepare -> pretrain DALE-CT-0 and DALE-CT-2S
 # -> frozen MIL linear probe of both and of a random-init backbone -> one comparison table.
 #
-#     bash demo.sh            # 11-16 minutes on these 2-core CPU machines (runs of 10 min 49 s, 12 min 10 s and 15 min 51 s), plus the install
+#     bash demo.sh            # 12 min 20 s on this 2-core CPU machine (2026-12-04), plus a 52 s install
 #
-# What it showed there (211 test volumes), macro AUROC with the paired 95% interval of each step:
-# random init 0.568, DALE-CT-0 0.598 (+0.029 [+0.003, +0.057]), DALE-CT-2S 0.664 (+0.066
-# [+0.046, +0.086]). With pretraining seeds 1-6 DALE-CT-0 beat random init by more (+0.072,
-# +0.060, +0.060, +0.062, +0.067, +0.043) and 2S led DALE-CT-0 by only +0.003, +0.011, +0.008,
-# +0.016, +0.003 and +0.013, within the intervals (README: the seed table).
+# What it showed there (1,211 test volumes), macro AUROC with the paired 95% interval of each step:
+# random init 0.594, DALE-CT-0 0.628 (+0.034 [+0.024, +0.045]), DALE-CT-2S 0.640 (+0.012
+# [+0.003, +0.021]). Pretraining seeds 1-3 gave steps of +0.038, +0.040, +0.039 and +0.009,
+# +0.012, +0.019, each beyond its interval (README: the seed table).
 #
 # Everything it writes lives under data/demo/ and out/demo/ (both git-ignored); running it again
 # starts over. Sizes can be overridden from the environment, e.g. STEPS=50 bash demo.sh for a
