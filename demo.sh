@@ -28,14 +28,14 @@ SIZE=64                             # in-plane pixels: stored slices, global vie
 # valid) then holds 1,211 volumes. The second step, the dense heads, is worth about +0.01 to +0.02
 # AUROC here (the paper's is +0.019 to +0.027 on CT-RATE's 3,002 test volumes, DESIGN.md 8); with
 # 211 test volumes its paired interval was +-0.02 and the measured step swung from -0.01 to +0.07
-# between pretraining seeds, with 1,211 it is +-0.009 and the step holds at +0.009 to +0.019
-# (README: the seed table). The 900 test patients cost about 1.5 minutes of data writing and feature
-# extraction; the training and validation patients, and so the pretraining and the probes' fit, do
-# not change. Finding masks on every volume (phantom.py's default is 25%; ReXGroundingCT covers
-# 3,142 CT-RATE scans): in a 3-minute pretraining the dense heads of 2S need them on most slabs to
-# shape the backbone, and DALE-CT-0's local views centre on findings too (DESIGN.md 3). With masks
-# on every volume both runs draw the very same slabs and views, so at one seed they differ only in
-# the loss.
+# between pretraining seeds; with 1,211 it is +-0.009 and the step holds at +0.009 to +0.019
+# (README: the seed table). The 900 test patients cost about 3 minutes of data writing and feature
+# extraction (measured: 32 s more data, 40-45 s more per probe); the training and validation
+# patients, and so the pretraining and the probes' fit, do not change. Finding masks on every volume
+# (phantom.py's default is 25%; ReXGroundingCT covers 3,142 CT-RATE scans): in a 3-minute
+# pretraining the dense heads of 2S need them on most slabs to shape the backbone, and DALE-CT-0's
+# local views centre on findings too (DESIGN.md 3). With masks on every volume both runs draw the
+# very same slabs and views, so at one seed they differ only in the loss.
 PHANTOM_ARGS=${PHANTOM_ARGS:---train_patients=480 --valid_patients=900 --rex_frac=1.0}  # the tests pass a tiny set
 TRAIN_ARGS=${TRAIN_ARGS:-}          # extra train.py overrides, on top of config/phantom.json
 PROBE_ARGS=${PROBE_ARGS:-}          # extra probe.py options (e.g. --seeds=2)

@@ -12,7 +12,7 @@ Headline: macro AUROC (DALE-CT-2S, ViT-L: 0.833). Also: how linearly slice depth
 
 Outputs OUT/results.json and OUT/results.md: config, checkpoint identity, data manifest, per-seed
 selection, test metrics (mean, std over probe seeds, bootstrap 95% intervals), per-class table.
-On 2 CPU cores the phantom demo (81 volumes, ViT-tiny at 64 px, 3 seeds x 600 steps) takes under
+On 2 CPU cores a small phantom (81 volumes, ViT-tiny at 64 px, 3 seeds x 600 steps) takes under
 10 s once its features are cached (extraction: about 500 slices/s); a 150-step phantom
 pretraining reached macro AUROC 0.58 and depth R^2 0.82 there, random init 0.53 and 0.69.
 """

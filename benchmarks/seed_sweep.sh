@@ -30,7 +30,7 @@ WORKERS=${SWEEP_WORKERS:-16}
 if [ "${1:-}" = job ]; then   # one pretraining and its probe: job VARIANT SEED CANDIDATE ARGS (ARGS: a,b,c or -)
     v=$2; s=$3; c=$4; name="dale_ct_${v}_s${s}_${c}"
     args=(); [ "$5" = - ] || IFS=, read -ra args <<< "$5"
-    log="$OUTD/logs/$name.log"
+    log="$OUTD/logs/$name.log"; mkdir -p "$OUTD/logs"   # a job can be run on its own (one at a time on a CPU)
     { $PY train.py --config=phantom --variant="$v" --seed="$s" --data="$DATA/prepared" \
           --out_dir="$RUNS/$name" --max_steps=$STEPS --log_every=100 "${args[@]}" \
       && $PY probe.py --ckpt="$RUNS/$name/ckpt.pt" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
