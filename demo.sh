@@ -6,8 +6,9 @@
 #
 # What it showed there (1,211 test volumes), macro AUROC with the paired 95% interval of each step:
 # random init 0.594, DALE-CT-0 0.628 (+0.034 [+0.024, +0.045]), DALE-CT-2S 0.640 (+0.012
-# [+0.003, +0.021]). Pretraining seeds 1-3 gave steps of +0.038, +0.040, +0.039 and +0.009,
-# +0.012, +0.019, each beyond its interval (README: the seed table).
+# [+0.003, +0.021]). Pretraining seeds 1-6 gave steps of +0.038, +0.040, +0.039, +0.036, +0.020,
+# +0.030 and +0.009, +0.012, +0.019, +0.012, +0.027, +0.016, each beyond its interval (README: the
+# seed table).
 #
 # Everything it writes lives under data/demo/ and out/demo/ (both git-ignored); running it again
 # starts over. Sizes can be overridden from the environment, e.g. STEPS=50 bash demo.sh for a
