@@ -22,7 +22,7 @@ cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}       # the interpreter (the tests pass their own)
 DATA=${DATA:-data/demo}             # phantom/ (CT-RATE layout) and prepared/ (memmaps) go here
 OUT=${OUT:-out/demo}                # one folder per run and per probe
-STEPS=${STEPS:-400}                 # pretraining steps of 32 slabs, per variant (the phantom preset)
+STEPS=${STEPS:-}                    # pretraining steps of 32 slabs, per variant (default: the phantom preset's)
 PROBE_STEPS=${PROBE_STEPS:-600}     # MIL probe SGD steps (3 seeds, whole lr/pooling grid at once)
 SIZE=64                             # in-plane pixels: stored slices, global views, probe input
 # 480 + 900 patients (1,868 volumes; phantom.py's default is 160 + 50): the test split (CT-RATE's
@@ -49,6 +49,7 @@ if [ ! -x "$PY" ] && [ "$PY" = .venv/bin/python ]; then
     python3 -m venv .venv
     .venv/bin/pip install -q -r requirements.txt
 fi
+STEPS=${STEPS:-$($PY -c "import json; print(json.load(open('config/phantom.json'))['max_steps'])")}
 
 start=$(date +%s)
 stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }

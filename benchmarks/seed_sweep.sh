@@ -21,7 +21,7 @@ OUTD=${OUT:-out/seed_sweep}
 DATA=${SWEEP_DATA:-/tmp/sweep_data}
 RUNS=${SWEEP_RUNS:-/tmp/sweep_runs}
 SIZE=64
-STEPS=${SWEEP_STEPS:-400}           # pretraining steps (the preset's 400); the tests pass a few
+STEPS=${SWEEP_STEPS:-$($PY -c "import json; print(json.load(open('config/phantom.json'))['max_steps'])")}   # the preset's; the tests pass a few
 PROBE_STEPS=${SWEEP_PROBE_STEPS:-600}
 PROBE_ARGS=${SWEEP_PROBE_ARGS:-}    # extra probe.py options (the tests pass fewer seeds)
 PHANTOM_ARGS=${SWEEP_PHANTOM_ARGS:---train_patients=480 --valid_patients=900}   # demo.sh's data
