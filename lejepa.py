@@ -3,9 +3,8 @@ lejepa.py: the LeJEPA objective (arXiv 2511.08544) in plain PyTorch, as DALE-CT 
 an invariance term that pulls every view of a slab towards the mean of its two global views, and
 SIGReg, which pushes each view's batch of embeddings towards an isotropic Gaussian by comparing
 the empirical characteristic function of 1,024 random 1-D projections with exp(-t^2/2).
-DESIGN.md section 5 is the specification; this file is the readable definition that the Triton
-kernel in kernels/sigreg.py is tested against. On CUDA, sigreg() hands the work to that kernel
-when USE_FUSED is on (train.py's config sets it).
+RECIPE.md section 5 is the specification; this file is the readable definition that the Triton
+kernel in kernels/sigreg.py is tested against; sigreg(..., fused=True) hands the work to that kernel.
 
 Three things this file gets right that are easy to get wrong:
 - precision: the projection and the cos/sin means run in float32 even under bf16 autocast,
@@ -19,11 +18,6 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-# Use the fused Triton kernel (kernels/sigreg.py) for sigreg(..., fused=None) on CUDA tensors.
-# Off, or without triton installed, the PyTorch path below runs instead; the two agree to rounding
-# (tests/test_sigreg_kernel.py).
-USE_FUSED = True
-
 # Largest intermediate of the PyTorch path, in elements (2**22 float32 = 16 MB): the chunk of
 # directions is chosen so that a (V, N, chunk, knots) tensor stays under it.
 CHUNK_ELEMENTS = 2 ** 22
@@ -35,7 +29,7 @@ CHUNK_ELEMENTS = 2 ** 22
 def sigreg_directions(K, M, step, device="cpu"):
     """M random unit directions in R^K, the same for a given step on every rank and device.
     Drawn on a CPU generator seeded by the step (a CUDA generator would draw other numbers, and
-    the global RNG differs between ranks), then moved. A new set every step matters more than a large M (DESIGN.md 5)."""
+    the global RNG differs between ranks), then moved. A new set every step matters more than a large M (RECIPE.md 5)."""
     g = torch.Generator(device="cpu").manual_seed(int(step))
     A = torch.randn(K, M, generator=g, dtype=torch.float32)  # (K, M)
     A = A / A.norm(dim=0, keepdim=True).clamp_min(1e-12)  # unit columns; the clamp guards a zero draw
@@ -83,7 +77,7 @@ def sigreg_grad_coefs(sums, n, t, phi, W, world, grad):
 
     Differentiating the formula above (c_mk = mean_n cos(t_k P_nm), so dc/dP = -t sin / N):
         dL/dP_nm = (2/M) sum_k W_k t_k [ s_mk cos(t_k P_nm) - (c_mk - phi_k) sin(t_k P_nm) ]
-    (DESIGN.md 5), times 1/V for the mean over views and `grad` for the chain rule.
+    (RECIPE.md 5), times 1/V for the mean over views and `grad` for the chain rule.
 
     Under DDP each rank back-propagates through its own rows only, and DDP then AVERAGES the
     parameter gradients over ranks. The single-process gradient is the SUM over all rows, so each
@@ -148,7 +142,7 @@ class SIGRegTorch(torch.autograd.Function):
 
 def local_sums(z, A, knots=17, t_max=3.0, chunk=None):
     """This process's cos and sin sums of z (V, N, K) along A (K, M): (V, 2, M, knots), no autograd.
-    float64 in, float64 out (for gradcheck); anything else computes in float32 (DESIGN.md 5)."""
+    float64 in, float64 out (for gradcheck); anything else computes in float32 (RECIPE.md 5)."""
     V, N, K = z.shape
     M = A.shape[1]
     chunk = chunk or default_chunk(V, N, M, knots)
@@ -190,25 +184,21 @@ def sigreg_torch(z, A, knots=17, t_max=3.0, chunk=None, given=None):
 # -----------------------------------------------------------------------------
 # The public API
 
-def _fused_kernel(z, fused):
-    """kernels.sigreg.sigreg_fused if this call should use it, else None."""
-    if fused is False or (fused is None and not (USE_FUSED and z.is_cuda)):
-        return None
+def _fused_kernel():
+    """kernels.sigreg.sigreg_fused, imported on first use (it needs triton)."""
     try:
         from kernels.sigreg import sigreg_fused
-    except ImportError as e:  # triton missing: fall back unless the caller insisted
-        if fused:
-            raise ImportError(f"lejepa.py: sigreg(fused=True) needs triton and kernels/sigreg.py ({e}); "
-                              "install triton or pass fused=False") from e
-        return None
+    except ImportError as e:
+        raise ImportError(f"lejepa.py: sigreg(fused=True) needs triton and kernels/sigreg.py ({e}); "
+                          "install triton or pass fused=False") from e
     return sigreg_fused
 
 
-def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=None, chunk=None, given=None):
-    """SIGReg (DESIGN.md 5) of z (N, K), or of each view of z (V, N, K) averaged over views, along
+def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=False, chunk=None, given=None):
+    """SIGReg (RECIPE.md 5) of z (N, K), or of each view of z (V, N, K) averaged over views, along
     num_slices directions drawn for this step. Returns a 0-dim float32 tensor (float64 for float64 z).
-    fused: None = the Triton kernel on CUDA when USE_FUSED is on, True = always the kernel
-    (on a CPU only under TRITON_INTERPRET=1, for tests), False = the PyTorch path.
+    fused: True = the Triton kernel (CUDA; on a CPU only under TRITON_INTERPRET=1, for tests),
+    False = the PyTorch path; train.py turns it on once the kernel's check passes on this GPU.
     chunk: directions per chunk on the PyTorch path (None = bounded by CHUNK_ELEMENTS).
     Under torch.distributed the batch is the global one (all ranks' rows) and each rank's gradient
     is scaled so that DDP's gradient averaging yields the single-process gradient. Call it on
@@ -217,9 +207,8 @@ def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=None, chunk=None
     if z.dim() not in (2, 3):
         raise ValueError(f"lejepa.py: sigreg expects z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
     A = sigreg_directions(z.shape[-1], num_slices, step, z.device)  # (K, M)
-    kernel = _fused_kernel(z, fused) if given is None else None  # the kernel computes its own sums
-    if kernel is not None:
-        return kernel(z, A, knots=knots, t_max=t_max)
+    if fused and given is None:  # the kernel computes its own sums
+        return _fused_kernel()(z, A, knots=knots, t_max=t_max)
     return sigreg_torch(z, A, knots, t_max, chunk, given)
 
 

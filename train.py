@@ -3,22 +3,20 @@ train.py: depth-aware LeJEPA pretraining of a ViT on chest-CT slabs (DALE-CT, ar
 
 A sample is a slab: the slices of one volume within +-6 mm of a centre slice. Two global views
 come from the centre slice and eight local views from slab slices drawn independently, so the
-invariance term ties neighbouring slices to the centre one (DESIGN.md 3). The loss is LeJEPA
-(invariance + SIGReg, DESIGN.md 5) plus, for variants 1S/2S, dense auxiliary heads that predict
-the anatomy / abnormality fractions of each crop and each 16x16 patch (DESIGN.md 4).
+invariance term ties neighbouring slices to the centre one (RECIPE.md 3). The loss is LeJEPA
+(invariance + SIGReg, RECIPE.md 5) plus, for variants 1S/2S, dense auxiliary heads that predict
+the anatomy / abnormality fractions of each crop and each 16x16 patch (RECIPE.md 4).
 
-    python phantom.py && python prepare.py --size=64 --mask_size=64    # demo data -> data/prepared
-    python train.py --config=phantom                                  # CPU demo: a few minutes
+    python train.py --config=phantom                                  # the CPU demo preset
     python train.py --config=phantom --max_steps=50 --variant=1s      # presets + overrides
     torchrun --nproc_per_node=8 train.py --config=dale_ct_2s          # the paper's run
     python train.py --config=dale_ct_2s --micro_batch=32              # 1 GPU, 16 accumulation steps
     python train.py --config=phantom --resume=auto                    # continue from out_dir/ckpt.pt
-    python train.py --config=phantom --bench_data=20                  # data vs model throughput
+    python train.py --config=phantom --picture=sample.png             # draw one training sample
 
-Data path: the CPU decides everything random about a micro-batch (which volume, which slices,
-crop boxes, flips, gamma, blur) and copies the raw int16 slices and uint8/uint16 masks out of
-the memmaps; the device then crops, resizes, augments and derives the soft targets for the whole
-micro-batch at once (a few batched grid_sample calls, no per-sample loops).
+The CPU decides everything random about a micro-batch (which volume, which slices, crop boxes,
+flips, gamma, blur) and copies the raw int16 slices and uint8/uint16 masks out of the memmaps; the
+device then crops, resizes, augments and derives the soft targets for the whole micro-batch at once.
 """
 import json
 import math
@@ -28,8 +26,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
-from dataclasses import replace as dataclass_replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -39,152 +36,108 @@ import torch.nn.functional as F
 
 import lejepa
 import prepare
+from common import (ABNORMALITY_CODES, N_ANATOMY, FRACTION, NONNEG, POSITIVE, Check, at_least, atomic_torch_save, atomic_write_text, describe,
+                    one_of, parse_config, peak_flops, setting, setup_distributed, world_size)
 from lejepa import lejepa_loss
 from model import PATCH, VIT_SIZES, DenseHeads, Projector, build_vit, vit_flops_per_image
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
+MULTIPLE_OF_PATCH = Check(lambda v: v > 0 and v % PATCH == 0, f"a positive multiple of the patch size {PATCH}")
+SIDE = Check(lambda v: 0 < v <= 1, "a fraction of the slice side in (0, 1]")
 
 
 # -----------------------------------------------------------------------------
-# Configuration: defaults are DALE-CT-2S at full scale; presets live in config/*.json.
+# Configuration: defaults are DALE-CT-2S at full scale; presets in config/*.json list what differs.
 
 @dataclass
 class Config:
     # data and output
-    data: str = "data/prepared"       # folder written by prepare.py (DESIGN.md 1)
-    split: str = "train"              # pretraining sees CT-RATE train only (DESIGN.md 2)
+    data: str = "data/prepared"       # folder written by prepare.py (RECIPE.md 1)
+    split: str = "train"              # pretraining sees CT-RATE train only (RECIPE.md 2)
     out_dir: str = "out/dale_ct_2s"   # ckpt.pt, log.jsonl and config.json go here
-    # model (DESIGN.md 4)
-    variant: str = "2s"               # "0": LeJEPA only; "1s": + anatomy heads; "2s": + abnormality heads
-    vit: str = "large"                # backbone size (model.VIT_SIZES); DALE-CT uses ViT-L
-    layerscale_init: float = 1e-5     # LayerScale's starting gain (DESIGN.md 4); CaiT's rule is 0.1 up to 18 blocks
-    proj_hidden: int = 2048           # projector width (DESIGN.md 4)
-    proj_dim: int = 124               # K, the projector output SIGReg acts on (DESIGN.md 5)
-    # views (DESIGN.md 3)
-    slab_mm: float = 12.0             # slab thickness: local slices lie within +-slab_mm/2 of the centre
-    n_local: int = 8                  # local views per slab (plus 2 global views)
-    global_size: int = 256            # global view side in px (also the ViT's stored pos_embed grid)
-    local_size: int = 144             # local view side in px
-    global_scale_min: float = 0.6     # global crop side as a fraction of the slice side
-    global_scale_max: float = 1.0
-    local_scale_min: float = 0.3      # local crop side as a fraction of the slice side
-    local_scale_max: float = 0.6
-    p_mask_centred: float = 0.8       # local crop centred on an abnormality (else anatomy) mask pixel
-    p_abnormal_volume: float = 0.2    # 2S: draw from the abnormality-bearing volumes this often
-    p_flip: float = 0.5               # horizontal flip, every view
-    p_gamma: float = 0.8              # gamma on [0,1]-scaled intensities, every view
-    gamma_min: float = 0.9
-    gamma_max: float = 1.1
-    p_blur_global1: float = 0.5       # 3x3 Gaussian blur on global view 1
-    p_blur_global2: float = 0.1       # ... and on global view 2
-    blur_sigma_min: float = 0.1       # blur sigma range in px (DINO's range)
-    blur_sigma_max: float = 2.0
-    target_samples: int = 8           # mask samples per patch side when computing soft targets
-    # loss (DESIGN.md 4-5)
-    lam: float = 0.02                 # lambda: L = (1 - lam) * inv + lam * SIGReg. Collapse costs
-                                      # lam * 0.402 * N (N = SIGReg's batch), so small batches need a
-                                      # larger lam: the phantom preset (32 slabs) uses 0.08
-    num_slices: int = 1024            # M, SIGReg's random directions, redrawn every step
+    # model (RECIPE.md 4)
+    # "0": LeJEPA only; "1s": + anatomy heads; "2s": + abnormality heads
+    variant: str = setting("2s", Check(lambda v: v.lower() in ("0", "1s", "2s"), "0, 1s or 2s"))
+    vit: str = setting("large", one_of(*VIT_SIZES))  # backbone size (model.VIT_SIZES); DALE-CT uses ViT-L
+    layerscale_init: float = setting(1e-5, POSITIVE)  # LayerScale's starting gain (RECIPE.md 4)
+    proj_hidden: int = setting(2048, at_least(1))     # projector width (RECIPE.md 4)
+    proj_dim: int = setting(124, at_least(1))         # K, the projector output SIGReg acts on (RECIPE.md 5)
+    # views (RECIPE.md 3)
+    slab_mm: float = setting(12.0, NONNEG)            # local slices lie within +-slab_mm/2 of the centre
+    n_local: int = setting(8, at_least(1))            # local views per slab (plus 2 global views)
+    global_size: int = setting(256, MULTIPLE_OF_PATCH)  # global view side in px (and the stored pos_embed grid)
+    local_size: int = setting(144, MULTIPLE_OF_PATCH)   # local view side in px
+    global_scale_min: float = setting(0.6, SIDE)  # global crop side as a fraction of the slice side
+    global_scale_max: float = setting(1.0, SIDE)
+    local_scale_min: float = setting(0.3, SIDE)   # local crop side as a fraction of the slice side
+    local_scale_max: float = setting(0.6, SIDE)
+    p_mask_centred: float = setting(0.8, FRACTION)    # local crop centred on an abnormality (else anatomy) pixel
+    p_abnormal_volume: float = setting(0.2, FRACTION)  # 2S: draw from the abnormality-bearing volumes this often
+    p_flip: float = setting(0.5, FRACTION)            # horizontal flip, every view
+    p_gamma: float = setting(0.8, FRACTION)           # gamma on [0,1]-scaled intensities, every view
+    gamma_min: float = setting(0.9, POSITIVE)
+    gamma_max: float = setting(1.1, POSITIVE)
+    p_blur_global1: float = setting(0.5, FRACTION)    # 3x3 Gaussian blur on global view 1
+    p_blur_global2: float = setting(0.1, FRACTION)    # ... and on global view 2
+    blur_sigma_min: float = setting(0.1, NONNEG)      # blur sigma range in px (DINO's range)
+    blur_sigma_max: float = setting(2.0, NONNEG)
+    target_samples: int = setting(8, at_least(1))     # mask samples per patch side for the soft targets
+    # loss (RECIPE.md 4-5)
+    # L = (1 - lam) * inv + lam * SIGReg; collapse costs lam * 0.402 * N, so small batches need more
+    lam: float = setting(0.02, FRACTION)
+    num_slices: int = setting(1024, at_least(1))      # M, SIGReg's random directions, redrawn every step
     fused_sigreg: bool = True         # on CUDA: the Triton SIGReg kernel (kernels/sigreg.py), same numbers
-    aux_weight: float = 0.1           # aux = aux_weight * (0.5 * L_cls + 0.5 * L_patch)
-    abn_pos_weight: float = 800.0     # BCE positive weight of every abnormality category
-    anat_pos_weight_max: float = 1000.0  # anatomy positive weight = 1/frequency clipped to [1, this]
-    pos_weight_slices: int = 1024     # training slices sampled once to measure anatomy frequencies
-    # optimisation (DESIGN.md 6)
-    batch_size: int = 512             # GLOBAL batch in slabs: micro_batch x ranks x accumulation
-    micro_batch: int = 64             # slabs per rank per forward/backward
-    max_steps: int = 50000            # optimiser steps; the cosine ends here
-    warmup_steps: int = 5000          # linear warmup 0 -> lr
-    lr: float = 3e-4                  # peak learning rate
-    min_lr: float = 3e-5              # end of the cosine
-    weight_decay: float = 0.04        # on weight matrices only (see make_optimizer)
-    beta1: float = 0.9                # AdamW betas: PyTorch defaults (DESIGN.md names none)
-    beta2: float = 0.999
-    eps: float = 1e-6                 # AdamW eps (DESIGN.md 6)
-    grad_clip: float = 3.0            # global gradient-norm clip; 0 = off
+    aux_weight: float = setting(0.1, NONNEG)          # aux = aux_weight * (0.5 * L_cls + 0.5 * L_patch)
+    abn_pos_weight: float = setting(800.0, POSITIVE)  # BCE positive weight of every abnormality category
+    anat_pos_weight_max: float = setting(1000.0, at_least(1))  # anatomy: 1/frequency clipped to [1, this]
+    pos_weight_slices: int = setting(1024, at_least(1))  # training slices sampled to measure anatomy frequencies
+    # optimisation (RECIPE.md 6)
+    batch_size: int = setting(512, at_least(1))       # GLOBAL batch in slabs: micro_batch x ranks x accumulation
+    micro_batch: int = setting(64, at_least(1))       # slabs per rank per forward/backward
+    max_steps: int = setting(50000, at_least(1))      # optimiser steps; the cosine ends here
+    warmup_steps: int = setting(5000, NONNEG)         # linear warmup 0 -> lr
+    lr: float = setting(3e-4, POSITIVE)               # peak learning rate
+    min_lr: float = setting(3e-5, NONNEG)             # end of the cosine
+    weight_decay: float = setting(0.04, NONNEG)       # on weight matrices only (see make_optimizer)
+    beta1: float = setting(0.9, Check(lambda v: 0 <= v < 1, "a number in [0, 1)"))  # PyTorch's AdamW betas
+    beta2: float = setting(0.999, Check(lambda v: 0 <= v < 1, "a number in [0, 1)"))
+    eps: float = setting(1e-6, POSITIVE)              # AdamW eps (RECIPE.md 6)
+    grad_clip: float = setting(3.0, NONNEG)           # global gradient-norm clip; 0 = off
     # system
-    device: str = "auto"              # auto (cuda if present), cpu, cuda
-    data_workers: int = 2             # threads gathering micro-batches ahead; one gathers ~600 slabs/s
-                                      # of 512 px slices from the page cache (a CPU core's memcpy)
-    dtype: str = "bfloat16"           # autocast dtype on CUDA (bfloat16 or float32); CPU runs float32
+    device: str = "auto"              # auto (cuda if present), cpu, cuda, cuda:N
+    data_workers: int = setting(2, at_least(1))       # threads gathering micro-batches ahead of the device
+    dtype: str = setting("bfloat16", one_of("bfloat16", "float32"))  # autocast dtype on CUDA; CPU runs float32
     compile: bool = False             # torch.compile the model (then DDP-wrap it)
-    seed: int = 0                     # model init and every data draw derive from it
-    log_every: int = 10               # steps between log lines
-    ckpt_every: int = 1000            # steps between checkpoints (and one at the end)
-    stop_at: int = 0                  # stop (with a checkpoint) at this step; 0 = max_steps.
-                                      # The schedule still follows max_steps: for time-limited jobs.
-    resume: str = ""                  # "" = fresh start; "auto" = out_dir/ckpt.pt if it exists; or a path
-    bench_data: int = 0               # > 0: time this many micro-batches of data and of model, then exit
-    picture: str = ""                 # a .png path: draw one training sample (slab, 2 global + 8 local views), then exit
+    seed: int = setting(0, NONNEG)    # model init and every data draw derive from it
+    log_every: int = setting(10, at_least(1))         # steps between log lines
+    ckpt_every: int = setting(1000, at_least(1))      # steps between checkpoints (and one at the end)
+    # stop (with a checkpoint) at this step, 0 = max_steps; the schedule still follows max_steps
+    stop_at: int = setting(0, NONNEG)
+    resume: str = ""                  # "" = fresh start; "auto" (or a bare --resume) = out_dir/ckpt.pt if any; a path
+    picture: str = ""                 # a .png path: draw one training sample (slab, 2 global + 8 local views), exit
+
+    def problems(self):
+        """Settings that are wrong together (each one alone passed its check)."""
+        for low, high in (("global_scale_min", "global_scale_max"), ("local_scale_min", "local_scale_max"),
+                          ("gamma_min", "gamma_max"), ("blur_sigma_min", "blur_sigma_max")):
+            lo, hi = getattr(self, low), getattr(self, high)
+            if lo > hi:
+                yield f"--{low}={lo} is above --{high}={hi}"
+        if self.batch_size % self.micro_batch:
+            yield f"--batch_size={self.batch_size} is not a multiple of --micro_batch={self.micro_batch}"
 
 
-def parse_config(argv):
+def parse_args(argv):
     """--config=NAME loads config/NAME.json over the defaults, then --key=value overrides apply.
     A bare --flag means true for a bool setting, and --resume alone means --resume=auto."""
-    cfg = Config()
-    bare = {f.name: "true" for f in fields(Config) if f.type is bool} | {"resume": "auto"}
-    argv = [f"{a}={bare[a[2:]]}" if a[2:] in bare else a for a in argv]
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"argument {arg!r}: expected --key=value (e.g. --config=phantom --max_steps=100)")
-    for arg in argv:  # the preset first, wherever it sits on the command line
-        key, _, value = arg[2:].partition("=")
-        if key == "config":
-            path = os.path.join(CONFIG_DIR, f"{value}.json")
-            if not os.path.isfile(path):
-                names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
-                raise SystemExit(f"unknown preset {value!r} (no {path}); available: {', '.join(names)}")
-            with open(path) as f:
-                for k, v in json.load(f).items():
-                    if not k.startswith("_"):  # "_why": notes on where the preset's values come from
-                        set_field(cfg, k, v, where=path)
-    for arg in argv:
-        key, _, value = arg[2:].partition("=")
-        if key != "config":
-            set_field(cfg, key, value, where="command line")
+    cfg = parse_config(Config, argv, "train.py", bare={"resume": "auto"}, presets=True)
     cfg.variant = cfg.variant.lower()
-    checks = [(cfg.variant in ("0", "1s", "2s"), f"variant={cfg.variant!r}: use 0, 1s or 2s"),
-              (cfg.vit in VIT_SIZES, f"vit={cfg.vit!r}: use one of {', '.join(VIT_SIZES)}"),
-              (cfg.global_size % PATCH == 0 and cfg.local_size % PATCH == 0,
-               f"global_size={cfg.global_size}, local_size={cfg.local_size}: view sides must be multiples of {PATCH}"),
-              (cfg.batch_size % cfg.micro_batch == 0, f"batch_size={cfg.batch_size} is not a multiple of micro_batch={cfg.micro_batch}")]
-    for ok, msg in checks:
-        if not ok:
-            raise SystemExit(msg)
     return cfg
 
 
-def set_field(cfg, key, value, where):
-    known = {f.name for f in fields(cfg)}
-    if key not in known:
-        raise SystemExit(f"{where}: unknown setting {key!r}; known: {', '.join(sorted(known))}")
-    typ = type(getattr(cfg, key))
-    try:
-        if typ is bool and isinstance(value, str):
-            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise ValueError
-            value = value.lower() in ("1", "true", "yes")
-        elif typ is int and isinstance(value, str):
-            value = float(value)  # accepts 1e4; must still be a whole number
-            if not value.is_integer():
-                raise ValueError
-        elif typ is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        setattr(cfg, key, typ(value))
-    except (TypeError, ValueError):
-        raise SystemExit(f"{where}: {key}={value!r} is not a valid {typ.__name__}") from None
-
-
 # -----------------------------------------------------------------------------
-# Sampling slabs (CPU). Every random choice of a sample is made here, from a generator seeded by
-# (seed, step, slot), where slot is the sample's position in the step's GLOBAL batch. So:
-# - a resumed run draws exactly what the uninterrupted run would have drawn (no replay, no state
-#   to save beyond the step);
-# - ranks own disjoint slots, so they never draw each other's samples;
-# - the global batch of a step is the same set of samples for any number of ranks and any
-#   gradient accumulation: 8 GPUs x 64 and 1 GPU x 64 x 8 micro-steps see the same slabs (only
-#   SIGReg's batch differs: it is one micro-step across ranks, see Config.lam).
-# numpy's SeedSequence hashes the key list, so neighbouring (step, slot) give unrelated streams.
+# Sampling slabs (CPU). Every random choice of a sample comes from a generator seeded by (seed, step,
+# slot), slot = the sample's position in the step's GLOBAL batch: a resume replays nothing, ranks never
+# draw each other's samples, and a step sees the same slabs on any number of GPUs (README: sampling).
 
 def slots_for(step, rank, micro, cfg, world):
     """Global-batch positions of one rank's micro-batch: micro-steps outermost, then ranks."""
@@ -322,14 +275,14 @@ def soft_targets(anatomy, abnormal, theta, size, r, families):
         lab = F.grid_sample(anatomy.unsqueeze(1).float(), grid, mode="nearest", align_corners=False)
         lab = lab.view(N, n, n).long()  # (N, n, n) label per sample point
         patch = (torch.arange(n, device=lab.device) // r)  # (n,) patch row/column of each sample
-        cell = (patch[:, None] * g + patch[None, :]) * prepare.N_ANATOMY  # (n, n)
-        counts = torch.zeros(N, g * g * prepare.N_ANATOMY, device=lab.device)
+        cell = (patch[:, None] * g + patch[None, :]) * N_ANATOMY  # (n, n)
+        counts = torch.zeros(N, g * g * N_ANATOMY, device=lab.device)
         counts.scatter_add_(1, (cell + lab).view(N, -1), torch.ones(N, n * n, device=lab.device))
-        out["anat_patch"] = counts.view(N, g * g, prepare.N_ANATOMY) / (r * r)  # (N, T, 118)
+        out["anat_patch"] = counts.view(N, g * g, N_ANATOMY) / (r * r)  # (N, T, 118)
         out["anat_cls"] = out["anat_patch"].mean(1)  # (N, 118)
     if "abn" in families:
         bits = F.grid_sample(abnormal.unsqueeze(1).float(), grid, mode="nearest", align_corners=False).int()
-        codes = torch.arange(len(prepare.ABNORMALITY_CODES), device=bits.device).view(1, -1, 1, 1)
+        codes = torch.arange(len(ABNORMALITY_CODES), device=bits.device).view(1, -1, 1, 1)
         bits = ((bits >> codes) & 1).float()  # (N, 14, n, n)
         out["abn_patch"] = F.avg_pool2d(bits, r).flatten(2).transpose(1, 2)  # (N, T, 14)
         out["abn_cls"] = out["abn_patch"].mean(1)  # (N, 14)
@@ -388,7 +341,9 @@ class DaleCT(nn.Module):
         super().__init__()
         self.vit = build_vit(cfg.vit, img_size=cfg.global_size, init_values=cfg.layerscale_init)
         self.projector = Projector(self.vit.embed_dim, hidden=cfg.proj_hidden, out=cfg.proj_dim)
-        self.heads = DenseHeads(self.vit.embed_dim, prepare.N_ANATOMY, len(prepare.ABNORMALITY_CODES)) if cfg.variant != "0" else None
+        self.heads = None
+        if cfg.variant != "0":
+            self.heads = DenseHeads(self.vit.embed_dim, N_ANATOMY, len(ABNORMALITY_CODES))
         if cfg.variant == "1s":  # no abnormality head at all: a head outside the loss would
             del self.heads.abnormal  # leave DDP waiting for its gradients (and be saved untrained)
 
@@ -415,21 +370,20 @@ def anatomy_pos_weight(ds, cfg):
     measured once on pos_weight_slices training slices of volumes that have anatomy masks."""
     vols = np.flatnonzero(ds.has_anatomy)
     if len(vols) == 0:
-        return torch.ones(prepare.N_ANATOMY)
+        return torch.ones(N_ANATOMY)
     rng = np.random.default_rng([cfg.seed, 1])
     v = rng.choice(vols, cfg.pos_weight_slices)
     idx = np.unique(ds.start[v] + (rng.random(len(v)) * ds.count[v]).astype(np.int64))
-    counts = np.bincount(np.asarray(ds.anatomy[idx]).ravel(), minlength=prepare.N_ANATOMY)[:prepare.N_ANATOMY]
+    counts = np.bincount(np.asarray(ds.anatomy[idx]).ravel(), minlength=N_ANATOMY)[:N_ANATOMY]
     freq = counts / max(counts.sum(), 1)
     return torch.tensor(np.clip(1.0 / np.maximum(freq, 1e-12), 1.0, cfg.anat_pos_weight_max), dtype=torch.float32)
 
 
 def global_mean(per_sample, weight, total=None, accum=1):
-    """Mean of per_sample over the weighted samples of ALL ranks (and, given the step's total weight,
-    of all `accum` micro-batches), scaled so that DDP's gradient averaging and the 1/accum of each
-    micro-step give the gradient of that global mean: each rank's sum times world * accum / total,
-    averaged over ranks and summed over micro-steps / accum, is sum_all / total."""
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Mean of per_sample over the weighted samples of ALL ranks (and, given the step's total weight, of
+    all `accum` micro-batches): each rank's sum times world * accum / total, averaged over ranks by DDP
+    and summed over micro-steps / accum, is sum_all / total."""
+    world = world_size()
     if total is None:  # this micro-batch's count over all ranks
         total = weight.sum().float()
         if world > 1:
@@ -447,7 +401,7 @@ def step_mask_counts(micro_views, cfg):
 
 
 def aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts=None, accum=1):
-    """DESIGN.md 4: aux = w * (0.5 * L_cls + 0.5 * L_patch), each the mean of the two families, BCE
+    """RECIPE.md 4: aux = w * (0.5 * L_cls + 0.5 * L_patch), each the mean of the two families, BCE
     with logits and pos_weight; a family counts only on samples that have its masks. Every view
     weighs the same: per sample, the BCE is summed over views and divided by V."""
     V, B = 2 + cfg.n_local, len(views["has_anatomy"])
@@ -477,14 +431,15 @@ def sigreg_statistics(raw, micro_views, cfg, step, autocast):
     return lejepa.global_sums(zs, step, cfg.num_slices)
 
 
-def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1):
+def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1, fused=False):
     """Forward one micro-batch; returns the total loss and a dict of detached parts for the log.
     given: SIGReg's statistics over the whole step (sigreg_statistics), or None = this micro-batch's;
-    counts: the step's mask counts (step_mask_counts) for the aux means, or None = this micro-batch's."""
+    counts: the step's mask counts (step_mask_counts) for the aux means, or None = this micro-batch's;
+    fused: SIGReg by the Triton kernel (kernels/sigreg.py) instead of lejepa.py's PyTorch path."""
     z, aux_g, aux_l = model(views["xg"], views["xl"])
     B = len(views["has_anatomy"])
-    z = z.float().view(2 + cfg.n_local, B, -1)  # (V, B, K); SIGReg sums in float32 (DESIGN.md 5)
-    loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices, given=given)
+    z = z.float().view(2 + cfg.n_local, B, -1)  # (V, B, K); SIGReg sums in float32 (RECIPE.md 5)
+    loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices, given=given, fused=fused)
     parts = {"inv": lj["inv"], "sigreg": lj["sigreg"]}
     if aux_g is not None:
         aux, ap = aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts, accum)
@@ -497,10 +452,8 @@ def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, a
 
 
 def make_optimizer(model, cfg, fused=False):
-    """AdamW; weight decay only on weight matrices. Biases, LayerNorm and LayerScale gains (1-D) are
-    scale/offset parameters that decay would bias toward 0 without regularising anything; pos_embed
-    and cls_token are learned inputs rather than weights (decay would pull positions to zero, and
-    timm and DINO exclude them too), even though pos_embed is a 3-D tensor."""
+    """AdamW; weight decay only on weight matrices: not on 1-D gains and biases, nor on pos_embed and
+    cls_token, which are learned inputs (timm and DINO exclude them too)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or name.split(".")[-1] in ("pos_embed", "cls_token") else decay).append(p)
@@ -509,7 +462,7 @@ def make_optimizer(model, cfg, fused=False):
 
 
 def get_lr(step, cfg):
-    """Linear warmup 0 -> lr over warmup_steps, then cosine to min_lr at max_steps (DESIGN.md 6)."""
+    """Linear warmup 0 -> lr over warmup_steps, then cosine to min_lr at max_steps (RECIPE.md 6)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
@@ -517,7 +470,7 @@ def get_lr(step, cfg):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints, throughput
+# Checkpoints
 
 MODEL_KEYS = ("vit", "variant", "global_size", "proj_hidden", "proj_dim")  # must match to resume
 
@@ -567,150 +520,8 @@ def load_checkpoint(path, raw, optimizer, cfg):
     return ckpt["step"], ckpt["pos_weight"]
 
 
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}  # dense TFLOP/s
-
-
-def flops_per_slab(raw, cfg):
-    """Training FLOPs of one slab: 3x the forward (backward ~ 2x) of 2 global + n_local local views.
-    The projector and heads add well under 1% for ViT-L and are left out."""
-    return 3 * (2 * vit_flops_per_image(raw.vit, cfg.global_size) + cfg.n_local * vit_flops_per_image(raw.vit, cfg.local_size))
-
-
-def peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16.items() if k in name), None)
-
-
-def bench(ds, cfg, model, pos_weight, device, n):
-    """Slabs/s of the data path (CPU plan + gather, then device views) and of the model
-    (forward + backward on one micro-batch, repeated), each measured alone."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    t0 = time.time()
-    cpu = [gather(ds, plan_slabs(ds, cfg, s, slots_for(s, 0, 0, cfg, 1))) for s in range(n)]
-    t_gather = time.time() - t0
-    views = make_views(cpu[0], cfg, device)  # warm-up
-    sync()
-    t1 = time.time()
-    for b in cpu:
-        views = make_views(b, cfg, device)
-    sync()
-    t2 = time.time()
-    ctx = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if device.type == "cuda" else nullcontext()
-    for i in range(n + 1):
-        if i == 1:  # the first step warms up (allocator, kernels, compile)
-            sync()
-            t3 = time.time()
-        with ctx:
-            loss, _ = compute_loss(model, views, pos_weight, cfg, i)
-        loss.backward()
-    sync()
-    t4 = time.time()
-    slabs = n * cfg.micro_batch
-    return {"gather_slabs_per_s": slabs / t_gather, "views_slabs_per_s": slabs / (t2 - t1),
-            "data_slabs_per_s": slabs / (t_gather + t2 - t1), "model_slabs_per_s": slabs / (t4 - t3)}
-
-
-
 # -----------------------------------------------------------------------------
-
-# -----------------------------------------------------------------------------
-# Pictures (matplotlib is optional: without it we say how to get it and carry on)
-
-def pyplot(log):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        return plt
-    except ImportError:
-        log("pictures need matplotlib: pip install matplotlib (skipped)")
-        return None
-
-
-def picture_sample(ds, cfg, tries=256):
-    """(plan, slab slice indices) of the sample to draw: the first training draw (step s, slot 0)
-    whose slab shows a finding, so that the picture has abnormality masks to show; step 0's draw if
-    none of the first `tries` does."""
-    first = None
-    for step in range(tries):
-        plan = plan_slabs(ds, cfg, step, [0])
-        v = int(plan["vol"][0])
-        lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
-        slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
-        first = first or (plan, slab)
-        if ds.has_abnormality[v] and ds.abnormal[slab.start:slab.stop].any():
-            return plan, slab
-    return first
-
-
-def draw_sample(ds, cfg, path, log=print):
-    """One training sample as the model sees it: the slab's slices (centre framed) with the anatomy
-    mask (colours) and the finding masks (red outlines), then the 2 global and n_local local views
-    with the patch targets of the dense heads (colour: the majority anatomy class of each 16 px
-    patch; red boxes: patches with an abnormality)."""
-    plt = pyplot(log)
-    if plt is None:
-        return None
-    plan, slab = picture_sample(ds, cfg)
-    v = int(plan["vol"][0])
-    views = make_views(gather(ds, plan), dataclass_replace(cfg, variant="2s"), torch.device("cpu"))
-    ncol = max(len(slab), 2 + cfg.n_local // 2)
-    fig, axes = plt.subplots(3, ncol, figsize=(2 * ncol, 6.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for j, i in enumerate(slab):
-        ax = axes[0, j]
-        ax.imshow(ds.slices[i], cmap="gray", vmin=-1000, vmax=400)
-        m = ds.anatomy[i].astype(float)
-        ax.imshow(np.ma.masked_equal(m, 0), cmap="tab20", alpha=0.35, extent=(-0.5, ds.slices.shape[-1] - 0.5) * 2,
-                  interpolation="nearest")
-        finding = ds.abnormal[i] > 0  # (mask_size, mask_size), any of the 14 categories
-        if finding.any():  # outlined in slice pixels: mask pixel centres scaled to the slice grid
-            xy = (np.arange(finding.shape[-1]) + 0.5) * ds.slices.shape[-1] / finding.shape[-1] - 0.5
-            ax.contour(xy, xy, finding.astype(float), levels=[0.5], colors="red", linewidths=0.8)
-        ax.set_title(f"{ds.depth_mm[i] - ds.depth_mm[plan['centre'][0]]:+.0f} mm" + (" (centre)" if i == plan["centre"][0] else ""),
-                     fontsize=8)
-    shown = [("g", k, views["xg"][k, 0]) for k in range(2)] + [("l", k, views["xl"][k, 0]) for k in range(cfg.n_local)]
-    for n, (kind, k, img) in enumerate(shown):
-        ax = axes.flat[ncol + n]  # rows 2 and 3 (ncol >= 2 + n_local / 2 leaves room for all views)
-        size = img.shape[-1]
-        ax.imshow(img.numpy(), cmap="gray")
-        t = views["targets"][kind]
-        g = size // PATCH
-        anat = t["anat_patch"][k].view(g, g, -1)[..., 1:]  # (g, g, 117) without background
-        label = torch.where(anat.amax(-1) > 0.25, anat.argmax(-1) + 1, 0).float().numpy()
-        ax.imshow(np.ma.masked_equal(label, 0), cmap="tab20", alpha=0.3, extent=(-0.5, size - 0.5, size - 0.5, -0.5),
-                  interpolation="nearest")
-        for (r, c) in (t["abn_patch"][k].view(g, g, -1).amax(-1) > 0).nonzero().tolist():
-            ax.add_patch(plt.Rectangle((c * PATCH - 0.5, r * PATCH - 0.5), PATCH, PATCH, fill=False, color="red", lw=1))
-        ax.set_title(f"{'global' if kind == 'g' else 'local'} {k + 1}", fontsize=8)
-    fig.suptitle(f"{ds.names[v]}: a {cfg.slab_mm:g} mm slab, its views and their patch targets", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    log(f"wrote {path}")
-    return path
-
-
-def plot_losses(log_path, png, log=print):
-    """Loss curves of a run from its log.jsonl: total, invariance, SIGReg and the aux terms."""
-    plt = pyplot(log)
-    if plt is None or not os.path.exists(log_path):
-        return None
-    rows = [json.loads(line) for line in open(log_path) if line.strip()]
-    keys = [k for k in ("loss", "inv", "sigreg", "anat", "abn") if k in rows[0]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3 * len(keys), 2.6), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        ax.plot([r["step"] for r in rows], [r[k] for r in rows])
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    log(f"wrote {png}")
-    return png
+# Set-up and logging: what main() needs before its loop, and its log lines
 
 
 def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
@@ -730,40 +541,7 @@ def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2
     return ok
 
 
-def resolve_device(name, local_rank=None):
-    """The torch.device this process trains on. A CUDA device always carries an index, because
-    torch.cuda.set_device refuses a bare "cuda" (a single-GPU run once failed there): the local rank
-    under torchrun, else the current GPU."""
-    device = torch.device(name)
-    if device.type != "cuda" or device.index is not None:
-        return device
-    return torch.device("cuda", torch.cuda.current_device() if local_rank is None else local_rank)
-
-
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    # distributed: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo")
-        device = resolve_device(cfg.device, local)
-    else:
-        rank, world, device = 0, 1, resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    lejepa.USE_FUSED = cfg.fused_sigreg and device.type == "cuda" and fused_sigreg_ok(device, log)
-    if cfg.batch_size % (cfg.micro_batch * world):
-        raise SystemExit(f"batch_size={cfg.batch_size} is not micro_batch={cfg.micro_batch} x {world} ranks x "
-                         f"an integer accumulation; change micro_batch or batch_size")
-    accum = cfg.batch_size // (cfg.micro_batch * world)
-    log("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-
+def open_data(cfg, log):
     try:
         ds = prepare.open_split(cfg.data, cfg.split)
     except prepare.PreparedError as e:
@@ -774,6 +552,72 @@ def main(argv=None):
         log(f"note: {cfg.data}/{cfg.split} has no abnormality masks: the 2S abnormality term stays 0")
     log(f"data: {len(ds)} volumes, {len(ds.slices)} slices of {ds.slices.shape[1]} px; "
         f"{int(ds.has_abnormality.sum())} with abnormality masks, {int(ds.has_anatomy.sum())} with anatomy")
+    return ds
+
+
+class Meter:
+    """Sums the loss parts between log lines; writes one line (and one log.jsonl row) per log_every steps
+    with the loss terms, learning rate, slabs/s, ETA and, on CUDA, MFU and peak memory."""
+
+    def __init__(self, cfg, raw, device, start, stop, ddp, world, write, logf):
+        self.cfg, self.device, self.stop, self.ddp, self.world = cfg, device, stop, ddp, world
+        self.write, self.logf = write, logf
+        # training FLOPs of one slab: 3x the forward of its 2 global and n_local local views (projector, heads < 1%)
+        flops = vit_flops_per_image
+        self.slab_flops = 3 * (2 * flops(raw.vit, cfg.global_size) + cfg.n_local * flops(raw.vit, cfg.local_size))
+        self.peak = peak_flops(device)
+        self.t_start = self.t_last = time.time()
+        self.step_last, self.sums, self.record = start, {}, None
+
+    def add(self, parts, accum):
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0) + v / accum
+
+    def log(self, done, lr, grad_norm):
+        cfg, sums = self.cfg, self.sums
+        keys = sorted(sums)
+        vals = torch.stack([sums[k] for k in keys]) / (done - self.step_last)  # mean over the logged steps
+        if self.ddp:
+            dist.all_reduce(vals)
+            vals /= self.world
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - self.t_last
+        sps = cfg.batch_size * (done - self.step_last) / dt
+        record = {"step": done, **{k: round(float(v), 5) for k, v in zip(keys, vals)}, "lr": lr,
+                  "grad_norm": round(float(grad_norm), 4), "slabs_per_s": round(sps, 2),
+                  "eta_s": round((self.stop - done) * dt / (done - self.step_last)),
+                  "elapsed_s": round(time.time() - self.t_start, 1)}  # this run (a resume starts again at 0)
+        if self.peak:
+            record["mfu"] = round(self.slab_flops * sps / (self.peak * self.world), 4)
+            record["mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
+        parts_txt = " ".join(f"{k} {record[k]:.4f}" for k in ("inv", "sigreg", "anat", "abn") if k in record)
+        self.write(f"step {done}/{self.stop} | loss {record['loss']:.4f} ({parts_txt}) | lr {lr:.2e} | "
+                   f"{sps:.1f} slabs/s | eta {record['eta_s'] // 60}m{record['eta_s'] % 60:02d}s"
+                   + (f" | mfu {100 * record['mfu']:.1f}% | mem {record['mem_gb']:.1f} GB" if self.peak else ""))
+        if self.logf:
+            self.logf.write(json.dumps(record) + "\n")
+            self.logf.flush()
+        self.t_last, self.step_last, self.sums, self.record = time.time(), done, {}, record
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp, rank, world, device = setup_distributed(cfg.device)  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    fused = cfg.fused_sigreg and device.type == "cuda" and fused_sigreg_ok(device, log)
+    if cfg.batch_size % (cfg.micro_batch * world):
+        raise SystemExit(f"batch_size={cfg.batch_size} is not micro_batch={cfg.micro_batch} x {world} ranks x "
+                         f"an integer accumulation; change micro_batch or batch_size")
+    accum = cfg.batch_size // (cfg.micro_batch * world)
+    log(describe(cfg))
+    ds = open_data(cfg, log)
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     raw = DaleCT(cfg).to(device)
@@ -785,59 +629,49 @@ def main(argv=None):
         log(f"resumed {path} at step {start}")
     if pos_anat is None:
         pos_anat = anatomy_pos_weight(ds, cfg)
-    pos_weight = {"anat": pos_anat.to(device), "abn": torch.full((len(prepare.ABNORMALITY_CODES),), cfg.abn_pos_weight, device=device)}
-    model = torch.compile(raw) if cfg.compile else raw  # compile first, then wrap (STYLE.md 4)
+    n_abn = len(ABNORMALITY_CODES)
+    pos_weight = {"anat": pos_anat.to(device), "abn": torch.full((n_abn,), cfg.abn_pos_weight, device=device)}
+    model = torch.compile(raw) if cfg.compile else raw  # compile first, then wrap in DDP
     if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     n_params = sum(p.numel() for p in raw.parameters())
     if accum > 1:
         log(f"note: {accum} accumulation micro-steps: one extra no-grad forward each, so that SIGReg's statistics "
             f"cover the global batch of {cfg.batch_size} slabs as on {cfg.batch_size // cfg.micro_batch} GPUs")
-    log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M parameters; "
-        f"{world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
-
+    log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M "
+        f"parameters; {world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
     if cfg.picture:
-        return draw_sample(ds, cfg, cfg.picture, log)
-    if cfg.bench_data:
-        r = bench(ds, cfg, model, pos_weight, device, cfg.bench_data)
-        log("bench: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items()))
-        return r
+        import plots
+        return plots.draw_sample(ds, cfg, cfg.picture, log)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(asdict(cfg), f, indent=1)
+        atomic_write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if device.type == "cuda" else nullcontext()
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     batches = loader(ds, cfg, start, rank, world, accum, pin=device.type == "cuda")
-    peak, slab_flops = peak_flops(device), flops_per_slab(raw, cfg)
     bar = None
     if master and sys.stderr.isatty():
         from tqdm import tqdm
         bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
-    write = bar.write if bar else log
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    t_start = t_last = time.time()
-    step_last, record = start, None
-    sums = {}
+    meter = Meter(cfg, raw, device, start, stop, ddp, world, bar.write if bar else log, logf)
     for step in range(start, stop):
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro_views = [make_views(next(batches), cfg, device) for _ in range(accum)]
         # With accumulation, SIGReg's statistics come first from a no-grad pass over all micro-batches,
-        # so that its batch is the global one whatever the GPU count (DESIGN.md 5-6)
+        # so that its batch is the global one whatever the GPU count (RECIPE.md 5-6)
         given = sigreg_statistics(raw, micro_views, cfg, step, autocast) if accum > 1 else None
         counts = step_mask_counts(micro_views, cfg) if accum > 1 else None  # aux means over the step too
         for micro, views in enumerate(micro_views):
             last = micro == accum - 1
-            # gradients are all-reduced only on the last micro-step
-            with (model.no_sync() if ddp and not last else nullcontext()):
+            with (model.no_sync() if ddp and not last else nullcontext()):  # all-reduce on the last micro-step
                 with autocast:
-                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given, counts, accum)
+                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given, counts, accum, fused)
                 (loss / accum).backward()
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0) + v / accum
+            meter.add(parts, accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -845,30 +679,7 @@ def main(argv=None):
             bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == stop:
-            keys = sorted(sums)
-            vals = torch.stack([sums[k] for k in keys]) / (done - step_last)  # mean over the logged steps
-            if ddp:
-                dist.all_reduce(vals)
-                vals /= world
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t_last
-            sps = cfg.batch_size * (done - step_last) / dt
-            record = {"step": done, **{k: round(float(v), 5) for k, v in zip(keys, vals)}, "lr": lr,
-                      "grad_norm": round(float(grad_norm), 4), "slabs_per_s": round(sps, 2),
-                      "eta_s": round((stop - done) * dt / (done - step_last)),
-                      "elapsed_s": round(time.time() - t_start, 1)}  # this run (a resume starts again at 0)
-            if peak:
-                record["mfu"] = round(slab_flops * sps / (peak * world), 4)
-                record["mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)
-            parts_txt = " ".join(f"{k} {record[k]:.4f}" for k in ("inv", "sigreg", "anat", "abn") if k in record)
-            write(f"step {done}/{stop} | loss {record['loss']:.4f} ({parts_txt}) | lr {lr:.2e} | {sps:.1f} slabs/s | "
-                  f"eta {record['eta_s'] // 60}m{record['eta_s'] % 60:02d}s"
-                  + (f" | mfu {100 * record['mfu']:.1f}% | mem {record['mem_gb']:.1f} GB" if peak else ""))
-            if logf:
-                logf.write(json.dumps(record) + "\n")
-                logf.flush()
-            t_last, step_last, sums = time.time(), done, {}
+            meter.log(done, lr, grad_norm)
         if master and (done % cfg.ckpt_every == 0 or done == stop):
             save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, done, cfg, pos_anat)
     batches.close()
@@ -876,11 +687,12 @@ def main(argv=None):
         bar.close()
     if logf:
         logf.close()
-        plot_losses(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png"), log)
+        import plots
+        plots.plot_losses(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png"), log)
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-    return record
+    return meter.record
 
 
 if __name__ == "__main__":

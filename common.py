@@ -1,0 +1,254 @@
+"""
+common.py: what every script shares, so that each stage file holds only its method.
+
+- the CT-RATE facts that more than one stage needs (label columns, mask classes, split names);
+- one `--key=value` parser for every script: types come from the script's config dataclass, the
+  accepted values are declared once next to each field (`setting(default, check)`), presets are
+  small JSON files under config/, and every bad value ends in one line naming the flag;
+- device choice and torchrun set-up, printing on rank 0, atomic writes.
+"""
+import json
+import math
+import os
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CONFIG_DIR = os.path.join(ROOT, "config")
+
+# -----------------------------------------------------------------------------
+# CT-RATE facts (RECIPE.md 2)
+
+# The 18 abnormality columns of CT-RATE's label CSVs, in their order.
+LABELS = [
+    "Medical material", "Arterial wall calcification", "Cardiomegaly",
+    "Pericardial effusion", "Coronary artery wall calcification", "Hiatal hernia",
+    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
+    "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
+    "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+]
+# ReXGroundingCT's 14 finding categories; bit c of a stored abnormality mask = category c.
+ABNORMALITY_CODES = ["1a", "1b", "1c", "1d", "1e", "1f", "2a", "2b", "2c", "2d", "2e", "2f", "2g", "2h"]
+N_ANATOMY = 118  # TotalSegmentator "total": 117 structures + background 0
+SPLITS = ("train", "val", "test")  # val: held-out CT-RATE train patients; test: CT-RATE valid
+
+# -----------------------------------------------------------------------------
+# Settings: a dataclass field per setting, its accepted values next to it
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: object      # value -> bool
+    accepts: str    # what the flag accepts, for the error message
+
+
+POSITIVE = Check(lambda v: v > 0, "a number > 0")
+NONNEG = Check(lambda v: v >= 0, "a number >= 0")
+FRACTION = Check(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+NONEMPTY = Check(lambda v: len(v) > 0, "a non-empty value")
+
+
+def at_least(lo):
+    return Check(lambda v: v >= lo, f"a number >= {lo}")
+
+
+def one_of(*choices):
+    return Check(lambda v: v in choices, "one of " + ", ".join(map(str, choices)))
+
+
+def setting(default, *checks):
+    """A config field whose value must pass every check (a tuple's checks apply to each element)."""
+    return field(default=default, metadata={"checks": checks})
+
+
+class SettingError(Exception):
+    """A bad setting; str(e) is the one line the user sees."""
+
+
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def convert(value, typ, example):
+    """A command-line string or a JSON value -> typ, or ValueError. int accepts 1e4 (a whole number);
+    float refuses nan and inf; a tuple is comma-separated, its elements typed like the default's."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() not in TRUE + FALSE:
+            raise ValueError
+        return str(value).lower() in TRUE
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not number.is_integer():
+            raise ValueError
+        return int(number)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        return number
+    if typ is tuple:
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
+        elem = type(example[0]) if example else str
+        return tuple(convert(v.strip() if isinstance(v, str) else v, elem, ()) for v in items)
+    if not isinstance(value, str):
+        raise ValueError
+    return value
+
+
+def apply(cfg, key, value, where):
+    known = {f.name: f for f in fields(cfg)}
+    key = key.replace("-", "_")
+    if key not in known:
+        raise SettingError(f"{where}: unknown setting --{key}; known: " + ", ".join(f"--{k}" for k in known))
+    f = known[key]
+    typ = f.type if isinstance(f.type, type) else type(getattr(cfg, key))
+    default = f.default if f.default is not MISSING else getattr(cfg, key)
+    try:
+        new = convert(value, typ, default)
+    except (TypeError, ValueError):
+        raise SettingError(f"{where}: --{key}={value} is not a valid {typ.__name__}") from None
+    for check in f.metadata.get("checks", ()):
+        for v in (new if typ is tuple else (new,)):
+            if not check.ok(v):
+                raise SettingError(f"{where}: --{key}={value}: expected {check.accepts}")
+    setattr(cfg, key, new)
+
+
+def load_preset(name):
+    """config/NAME.json: settings that differ from the defaults; "_why" holds a one-line reason per key."""
+    path = os.path.join(CONFIG_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR) if f.endswith(".json"))
+        raise SettingError(f"--config={name}: no preset {path}; available: {', '.join(names)}")
+    try:
+        with open(path) as f:
+            preset = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SettingError(f"{path}: not a readable preset ({e})") from None
+    return path, {k: v for k, v in preset.items() if not k.startswith("_")}
+
+
+def parse_config(cls, argv, prog, bare=None, presets=False):
+    """Defaults of `cls`, then (with presets) --config=NAME, then every --key=value in order.
+    A bare --flag means true for a bool (or bare[flag] for the settings named there). The resolved
+    config's own `problems()` (if any) names settings that are wrong together. Exits with one line."""
+    try:
+        return _parse(cls, argv, prog, bare or {}, presets)
+    except SettingError as e:
+        sys.exit(f"{prog}: {e}")
+
+
+def _parse(cls, argv, prog, bare, presets):
+    cfg, pairs = cls(), []
+    bools = {f.name for f in fields(cls) if f.type is bool}
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not arg.startswith("--") or not key:
+            raise SettingError(f"argument {arg!r}: expected --key=value")
+        if not eq:
+            if key not in bools and key not in bare:
+                raise SettingError(f"argument {arg!r}: expected --{key}=VALUE")
+            value = bare.get(key, "true")
+        pairs.append((key, value))
+    for key, value in pairs:  # the preset first, wherever it sits on the command line
+        if key == "config" and presets:
+            path, preset = load_preset(value)
+            for k, v in preset.items():
+                apply(cfg, k, v, path)
+    for key, value in pairs:
+        if not (key == "config" and presets):
+            apply(cfg, key, value, "command line")
+    problem = next(iter(cfg.problems()), None) if hasattr(cfg, "problems") else None
+    if problem:
+        raise SettingError(problem)
+    return cfg
+
+
+def describe(cfg):
+    """The resolved config as one log line."""
+    return "config: " + " ".join(f"{f.name}={getattr(cfg, f.name)}" for f in fields(cfg))
+
+
+# -----------------------------------------------------------------------------
+# Devices and processes
+
+
+def pick_device(name):
+    """"auto" -> cuda when present, else cpu. A CUDA device always carries an index, because
+    torch.cuda.set_device refuses a bare "cuda": the local rank under torchrun, else the current GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device={name}: this machine has no CUDA device; use --device=cpu or --device=auto")
+    if device.type != "cuda" or device.index is not None:
+        return device
+    local = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
+
+
+def setup_distributed(device_name):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without them this is one process.
+    Returns (ddp, rank, world, device)."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    device = pick_device(device_name)
+    if ddp:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    return ddp, rank, world, device
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(*args, **kwargs)
+
+
+# Dense bf16 tensor FLOP/s from the vendors' datasheets, for MFU: {name fragment: FLOP/s}.
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+
+def atomic_write_text(path, text):
+    """Write to path.tmp, then rename: a crash leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path):
+    tmp = f"{path}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
