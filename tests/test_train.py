@@ -11,12 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import common
+import plots
 import prepare
 import train
 from model import build_vit, load_backbone
 from phantom import write_phantom
 
-PRESETS = sorted(f[:-5] for f in os.listdir(train.CONFIG_DIR) if f.endswith(".json"))
+PRESETS = sorted(f[:-5] for f in os.listdir(common.CONFIG_DIR) if f.endswith(".json"))
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +34,7 @@ def prepared(tmp_path_factory):
 def tiny_args(prepared, out_dir, **kw):
     """A run small enough for a CPU test: ViT-tiny on 32 px globals and 16 px locals; lam 0.5
     because SIGReg sees only 8 slabs (collapse costs lam * 0.402 * 8, see Config.lam). LayerScale and
-    the aux weight are DESIGN.md's (1e-5, 0.1), not the demo preset's, as these tests were measured."""
+    the aux weight are RECIPE.md's (1e-5, 0.1), not the demo preset's, as these tests were measured."""
     args = dict(config="phantom", data=prepared, out_dir=str(out_dir), global_size=32, local_size=16,
                 batch_size=8, micro_batch=8, proj_hidden=64, num_slices=64, lam=0.5, max_steps=4, warmup_steps=1,
                 pos_weight_slices=32, log_every=1, ckpt_every=1000, layerscale_init=1e-5, aux_weight=0.1)
@@ -41,7 +43,7 @@ def tiny_args(prepared, out_dir, **kw):
 
 
 def tiny_cfg(prepared, **kw):
-    return train.parse_config(tiny_args(prepared, "unused", **kw))
+    return train.parse_args(tiny_args(prepared, "unused", **kw))
 
 
 def views_for(ds, cfg, step=0, slots=None, world=1, rank=0, micro=0):
@@ -54,15 +56,15 @@ def views_for(ds, cfg, step=0, slots=None, world=1, rank=0, micro=0):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_load(name):
-    cfg = train.parse_config([f"--config={name}"])
+    cfg = train.parse_args([f"--config={name}"])
     assert cfg.batch_size % cfg.micro_batch == 0
-    if name.startswith("dale_ct_"):  # full scale, DESIGN.md 3-6
+    if name.startswith("dale_ct_"):  # full scale, RECIPE.md 3-6
         assert (cfg.vit, cfg.global_size, cfg.local_size, cfg.n_local, cfg.batch_size) == ("large", 256, 144, 8, 512)
         assert (cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps) == (3e-4, 3e-5, 5000, 50000)
         assert cfg.variant == name[len("dale_ct_"):]
         assert (cfg.aux_weight, cfg.layerscale_init, cfg.p_abnormal_volume, cfg.lam) == (0.1, 1e-5, 0.2, 0.02)
-    # a preset that departs from DESIGN.md's recipe says why, in its "_why" notes
-    raw = json.loads((Path(train.CONFIG_DIR) / f"{name}.json").read_text())
+    # a preset that departs from RECIPE.md's recipe says why, in its "_why" notes
+    raw = json.loads((Path(common.CONFIG_DIR) / f"{name}.json").read_text())
     recipe = ("aux_weight", "layerscale_init", "p_abnormal_volume", "lam", "abn_pos_weight", "slab_mm")
     changed = [k for k in recipe if getattr(cfg, k) != getattr(train.Config(), k)]
     assert all(k in json.dumps(raw.get("_why", "")) for k in changed), (name, changed)
@@ -73,23 +75,23 @@ def test_phantom_and_full_presets_exist():
 
 
 def test_overrides_and_rejections():
-    cfg = train.parse_config(["--max_steps=7", "--config=phantom", "--lr=0.01", "--compile=false", "--variant=1S"])
+    cfg = train.parse_args(["--max_steps=7", "--config=phantom", "--lr=0.01", "--compile=false", "--variant=1S"])
     assert (cfg.max_steps, cfg.lr, cfg.compile, cfg.variant, cfg.vit) == (7, 0.01, False, "1s", "tiny")
-    assert train.parse_config(["--max_steps=1e3"]).max_steps == 1000
-    flags = train.parse_config(["--compile", "--resume"])
+    assert train.parse_args(["--max_steps=1e3"]).max_steps == 1000
+    flags = train.parse_args(["--compile", "--resume"])
     assert flags.compile is True and flags.resume == "auto"
     for argv, needle in ((["--no_such_key=1"], "no_such_key"), (["--max_steps=1.5"], "max_steps"),
                          (["--compile=maybe"], "compile"), (["--config=nope"], "phantom"),
-                         (["--variant=3s"], "variant"), (["--global_size=250"], "multiples of 16"),
+                         (["--variant=3s"], "variant"), (["--global_size=250"], "multiple of the patch size 16"),
                          (["--batch_size=100", "--micro_batch=64"], "micro_batch"), (["max_steps=3"], "--key=value")):
         with pytest.raises(SystemExit) as e:
-            train.parse_config(argv)
+            train.parse_args(argv)
         msg = str(e.value.code)
         assert needle in msg and "\n" not in msg, msg
 
 
 def test_lr_schedule():
-    cfg = train.parse_config(["--config=dale_ct_2s"])
+    cfg = train.parse_args(["--config=dale_ct_2s"])
     lrs = [train.get_lr(s, cfg) for s in (0, 4999, 5000, 27500, 50000, 60000)]
     assert lrs[0] == pytest.approx(3e-4 / 5000) and lrs[1] == pytest.approx(3e-4) and lrs[2] == pytest.approx(3e-4)
     assert lrs[3] == pytest.approx((3e-4 + 3e-5) / 2) and lrs[4] == pytest.approx(3e-5) and lrs[5] == pytest.approx(3e-5)
@@ -431,11 +433,21 @@ def test_checkpoint_loads_as_a_timm_backbone(prepared, tmp_path):
     assert torch.equal(vit.pos_embed, ckpt["model"]["pos_embed"])
 
 
-def test_bench_data(prepared, tmp_path):
-    r = train.main(tiny_args(prepared, tmp_path, bench_data=2))
-    assert set(r) == {"gather_slabs_per_s", "views_slabs_per_s", "data_slabs_per_s", "model_slabs_per_s"}
-    assert all(v > 0 for v in r.values())
-    assert not os.path.exists(tmp_path / "ckpt.pt")
+def test_train_speed_benchmark_takes_train_settings(prepared, tmp_path):
+    """benchmarks/train_speed.py reads train.py's presets and settings plus its own --steps, times
+    both halves, writes nothing; its own bad value is one line naming the flag."""
+    import subprocess
+    import sys
+    script = [sys.executable, os.path.join(common.ROOT, "benchmarks", "train_speed.py")]
+    argv = [a for a in tiny_args(prepared, tmp_path / "bench") if not a.startswith("--max_steps")]
+    run = subprocess.run(script + argv + ["--steps=2"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    rates = dict(kv.rsplit(" ", 1) for kv in run.stdout.strip().split(": ", 1)[1].split(", "))
+    assert set(rates) == {"gather_slabs_per_s", "views_slabs_per_s", "data_slabs_per_s", "model_slabs_per_s"}
+    assert not (tmp_path / "bench").exists()
+    bad = subprocess.run(script + argv + ["--steps=0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--steps=0" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 # -----------------------------------------------------------------------------
@@ -489,12 +501,12 @@ def test_picture_shows_a_finding_when_there_is_one(prepared):
     ds = prepare.open_split(prepared, "train")
     cfg = tiny_cfg(prepared, variant="0")
     assert ds.has_abnormality.any() and not ds.has_abnormality.all()
-    plan, slab = train.picture_sample(ds, cfg)
+    plan, slab = plots.picture_sample(ds, cfg)
     v = int(plan["vol"][0])
     assert ds.start[v] <= slab.start and slab.stop <= ds.start[v] + ds.count[v] and int(plan["centre"][0]) in slab
     assert ds.abnormal[slab.start:slab.stop].any()
     ds.has_abnormality = np.zeros_like(ds.has_abnormality)  # no volume with masks: step 0's draw
-    plan0, _ = train.picture_sample(ds, cfg)
+    plan0, _ = plots.picture_sample(ds, cfg)
     assert all(np.array_equal(plan0[k], train.plan_slabs(ds, cfg, 0, [0])[k]) for k in plan0)
 
 
@@ -513,14 +525,14 @@ def test_pictures_are_optional_and_drawn_when_possible(prepared, tmp_path, monke
 
     with monkeypatch.context() as m:
         m.setattr(builtins, "__import__", no_matplotlib)
-        assert train.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append) is None
+        assert plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append) is None
     assert "pip install matplotlib" in lines[-1] and not (tmp_path / "s.png").exists()
     pytest.importorskip("matplotlib")
-    png = train.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append)
+    png = plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "inv": 0.1, "sigreg": 2.0}) for s in (1, 2, 3)))
-    png = train.plot_losses(str(log), str(tmp_path / "loss.png"), lines.append)
+    png = plots.plot_losses(str(log), str(tmp_path / "loss.png"), lines.append)
     assert os.path.getsize(png) > 1000
 
 
@@ -528,9 +540,29 @@ def test_cuda_device_always_has_an_index(monkeypatch):
     """torch.cuda.set_device refuses a bare "cuda": on a one-GPU run (no torchrun) main() failed there
     on an H200 until the device carried an index. The current GPU, or the local rank under torchrun."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
-    assert train.resolve_device("cuda") == torch.device("cuda", 3)
-    assert train.resolve_device("cuda", local_rank=5) == torch.device("cuda", 5)
-    assert train.resolve_device("cuda:1", local_rank=5) == torch.device("cuda", 1)   # an explicit index wins
-    assert train.resolve_device("cpu", local_rank=5) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert common.pick_device("cuda") == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert common.pick_device("cuda") == torch.device("cuda", 5)
+    assert common.pick_device("cuda:1") == torch.device("cuda", 1)   # an explicit index wins
+    assert common.pick_device("cpu") == torch.device("cpu")
     for name in ("cuda", "cuda:2"):
-        assert train.resolve_device(name).index is not None
+        assert common.pick_device(name).index is not None
+
+
+def test_cuda_without_cuda_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as e:
+        common.pick_device("cuda")
+    assert "--device=cuda" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("flag", ["--lr=-1", "--micro_batch=0", "--batch_size=0", "--slab_mm=-1", "--lr=nan",
+                                  "--max_steps=-5", "--variant=3", "--p_flip=1.5", "--dtype=float16",
+                                  "--local_scale_min=0.7", "--seed=abc"])
+def test_bad_settings_are_one_line_naming_the_flag(flag):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--config=phantom", flag])
+    msg = str(e.value.code)
+    assert flag.split("=")[0] in msg and "\n" not in msg, msg
