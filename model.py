@@ -1,18 +1,15 @@
 """
-The DALE-CT networks (DESIGN.md 4): a ViT backbone for single-channel CT slices, the
+The DALE-CT networks (RECIPE.md 4): a ViT backbone for single-channel CT slices, the
 LeJEPA projector on its CLS token, and the dense auxiliary heads on CLS and patch tokens.
 
-The backbone is timm's VisionTransformer written out plainly: patch 16, a CLS token,
-learned absolute position embeddings (the CLS position included) resampled bicubically to
-any input whose sides are multiples of 16, pre-norm blocks with qkv bias and LayerScale,
-a final LayerNorm, no registers, no classifier. Parameter names and shapes are timm's, so
-weights move both ways without a converter: our state dict is the one of
+The backbone is timm's VisionTransformer written out plainly (patch 16, CLS token, learned position
+embeddings resampled to any size, pre-norm blocks with LayerScale, final LayerNorm, no registers), with
+timm's parameter names and shapes, so weights move both ways without a converter; our state dict is that of
 
     timm.create_model("vit_large_patch16_224", img_size=512, in_chans=1, num_classes=0,
                       init_values=1e-5, dynamic_img_size=True)
 
-Loading rule (load_backbone): every backbone key must be present with its shape; the only
-keys ignored are a timm classification head (head.weight, head.bias).
+load_backbone is strict: every backbone key present with its shape; only a timm classifier head is ignored.
 """
 import math
 import pickle
@@ -30,14 +27,11 @@ PATCH = 16  # pixels per patch side; every input side must be a multiple of it
 class ViTSize:
     embed_dim: int  # token width D
     depth: int  # number of blocks
-    num_heads: int  # attention heads; D / heads = 64 in every size below
+    num_heads: int  # attention heads, 64 wide in every size
 
 
 VIT_SIZES = {
-    # tiny is for CPU tests and the phantom demo: DeiT-Ti's width and heads (so heads are 64
-    # wide, as in the big models) at half its depth, 2.7M parameters; a step of 10 views at
-    # 64 px then takes tens of milliseconds on two CPU cores.
-    "tiny": ViTSize(192, 6, 3),
+    "tiny": ViTSize(192, 6, 3),  # CPU tests and the demo: DeiT-Ti's width and heads at half its depth
     "small": ViTSize(384, 12, 6),  # ViT-S/16
     "base": ViTSize(768, 12, 12),  # ViT-B/16
     "large": ViTSize(1024, 24, 16),  # ViT-L/16, the DALE-CT backbone
@@ -47,12 +41,6 @@ VIT_SIZES = {
 def size_name(embed_dim, depth):
     """The VIT_SIZES name of a backbone this wide and deep, or None."""
     return next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth) == (embed_dim, depth)), None)
-
-
-def describe(embed_dim, depth):
-    """'ViT-base (768 wide, 12 deep)': how error messages name a backbone."""
-    name = size_name(embed_dim, depth)
-    return f"ViT-{name} ({embed_dim} wide, {depth} deep)" if name else f"a ViT {embed_dim} wide, {depth} deep"
 
 
 def resample_pos_embed(pos_embed, new_grid, old_grid):
@@ -90,8 +78,7 @@ class Attention(nn.Module):
 
     def forward(self, x):  # x (B, N, D)
         B, N, D = x.shape
-        # rows of qkv.weight are [q; k; v], each split into heads: timm's layout, which a
-        # loaded checkpoint depends on
+        # rows of qkv.weight are [q; k; v], each split into heads: timm's layout, which checkpoints depend on
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, h, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, h, N, d)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d); flash / memory-efficient on GPU
@@ -99,8 +86,7 @@ class Attention(nn.Module):
 
 
 class LayerScale(nn.Module):
-    # per-channel gain on each residual branch; starting at 1e-5 makes every block nearly the
-    # identity at init, which is what keeps deep ViTs stable early on (CaiT, arXiv 2103.17239)
+    # per-channel gain on each residual branch; at 1e-5 every block starts near the identity (CaiT, 2103.17239)
     def __init__(self, dim, init_values):
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
@@ -154,8 +140,7 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # timm's default: a tiny CLS token, truncated normal (std .02) position embeddings and
-        # linear weights, zero biases; the patch conv keeps PyTorch's init, as in timm
+        # timm's: tiny CLS token, truncated normal (std .02) positions and linear weights, zero biases
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         for m in self.modules():
@@ -178,8 +163,7 @@ class ViT(nn.Module):
 
 
 def build_vit(size, img_size=256, in_chans=1, init_values=1e-5):
-    """init_values: LayerScale's starting gain (DESIGN.md 4: 1e-5). It only matters for training
-    from scratch; loading weights overwrites it."""
+    """init_values: LayerScale's starting gain (RECIPE.md 4: 1e-5); loading weights overwrites it."""
     if size not in VIT_SIZES:
         raise ValueError(f"unknown ViT size {size!r}: choose one of {', '.join(VIT_SIZES)}")
     s = VIT_SIZES[size]
@@ -187,13 +171,9 @@ def build_vit(size, img_size=256, in_chans=1, init_values=1e-5):
 
 
 def vit_flops_per_image(vit, img_size):
-    """Matmul FLOPs of one forward pass on one img_size (int or (H, W)) image; a training step
-    costs about 3x this (backward = 2x forward). With T patches, N = T+1 tokens, width D, depth L:
-        patch embedding  2 * T * (C*16*16) * D
-        each block       2*N*D*3D (qkv) + 2*N*N*D (q k^T) + 2*N*N*D (attn v) + 2*N*D*D (proj)
-                         + 2 * 2*N*D*(r*D) (MLP, ratio r=4)    = 24*N*D^2 + 4*N^2*D
-    total = stem + L * block: 2 FLOPs per weight per token plus attention; norms, GELU and
-    softmax are left out. ViT-B/16 at 224 px (3 channels) gives the usual 17.6 GMACs."""
+    """Matmul FLOPs of one forward pass on one img_size (int or (H, W)) image: 2 per weight per token
+    plus attention's 4*N^2*D per block (T patches, N = T+1 tokens, width D); norms and softmax left out.
+    A training step costs about 3x this (backward = 2x forward)."""
     H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
     T = (H // PATCH) * (W // PATCH)
     N, D = T + 1, vit.embed_dim
@@ -207,7 +187,7 @@ def vit_flops_per_image(vit, img_size):
 
 class Projector(nn.Module):
     """The LeJEPA projector on the final-normed CLS token: (B, d) -> (B, out). SIGReg and the
-    invariance term act on its output, not on the backbone features (DESIGN.md 4-5)."""
+    invariance term act on its output, not on the backbone features (RECIPE.md 4-5)."""
 
     def __init__(self, d, hidden=2048, out=124):
         super().__init__()
@@ -314,6 +294,10 @@ def load_backbone(vit, path):
 
 def explain_mismatch(vit, sd):
     """(what is wrong, what to do) for a state dict that does not fit vit, most likely cause first."""
+    def describe(width, depth):
+        name = size_name(width, depth)
+        return f"ViT-{name} ({width} wide, {depth} deep)" if name else f"a ViT {width} wide, {depth} deep"
+
     model = describe(vit.embed_dim, vit.depth)
     stem = sd.get("patch_embed.proj.weight")  # (D, C, 16, 16)
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})

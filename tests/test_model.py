@@ -78,8 +78,11 @@ def test_forward_matches_reference():
 
 
 def test_sizes_and_init():
-    assert {n: (s.embed_dim, s.depth, s.num_heads) for n, s in VIT_SIZES.items()} == {
-        "tiny": (192, 6, 3), "small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
+    # parameter counts of timm's vit_base_patch16_224 / vit_large_patch16_224 (3 channels, 224 px) without
+    # their 1000-class head (86,567,656 - 769,000 and 304,326,632 - 1,025,000), plus LayerScale's 2 x D per block
+    for size, count in (("base", 85_798_656 + 12 * 2 * 768), ("large", 303_301_632 + 24 * 2 * 1024)):
+        assert sum(p.numel() for p in build_vit(size, img_size=224, in_chans=3).parameters()) == count, size
+    assert all(s.embed_dim // s.num_heads == 64 for s in VIT_SIZES.values())  # 64-wide heads in every size
     vit = build_vit("tiny", img_size=64)
     assert vit.embed_dim == 192
     assert vit.cls_token.abs().max() < 1e-4  # std 1e-6
@@ -95,7 +98,7 @@ def test_sizes_and_init():
 
 
 def test_layerscale_init_is_a_training_choice_not_a_weight():
-    """init_values sets every block's starting gain (DESIGN.md 4 keeps 1e-5; the phantom preset starts
+    """init_values sets every block's starting gain (RECIPE.md 4 keeps 1e-5; the phantom preset starts
     at CaiT's 0.1 for shallow models) and loading a checkpoint overwrites it."""
     shallow = build_vit("tiny", img_size=32, init_values=0.1)
     assert all(torch.all(b.ls1.gamma == 0.1) and torch.all(b.ls2.gamma == 0.1) for b in shallow.blocks)
