@@ -16,15 +16,16 @@
 # runs under bf16 autocast (the CPU demo runs float32), so its numbers also show what bf16 does.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source config/demo.env   # demo.sh's data and probe settings
 PY=${PY:-python3}
 OUTD=${OUT:-out/seed_sweep}
 DATA=${SWEEP_DATA:-/tmp/sweep_data}
 RUNS=${SWEEP_RUNS:-/tmp/sweep_runs}
-SIZE=64
+SIZE=$DEMO_SIZE
 STEPS=${SWEEP_STEPS:-$($PY -c "import json; print(json.load(open('config/phantom.json'))['max_steps'])")}   # the preset's; the tests pass a few
-PROBE_STEPS=${SWEEP_PROBE_STEPS:-600}
+PROBE_STEPS=${SWEEP_PROBE_STEPS:-$DEMO_PROBE_STEPS}
 PROBE_ARGS=${SWEEP_PROBE_ARGS:-}    # extra probe.py options (the tests pass fewer seeds)
-PHANTOM_ARGS=${SWEEP_PHANTOM_ARGS:---train_patients=480 --valid_patients=900}   # demo.sh's data
+PHANTOM_ARGS=${SWEEP_PHANTOM_ARGS:-$DEMO_PHANTOM_ARGS}
 WORKERS=${SWEEP_WORKERS:-16}
 
 if [ "${1:-}" = job ]; then   # one pretraining and its probe: job VARIANT SEED CANDIDATE ARGS (ARGS: a,b,c or -)
@@ -48,9 +49,9 @@ stamp() { echo "== [$(( $(date +%s) - start )) s] $*"; }
 
 stamp "phantom + prepare (demo.sh's data)"
 if [ ! -f "$DATA/prepared/manifest.json" ]; then
-    $PY phantom.py --out="$DATA/phantom" --size=$SIZE $PHANTOM_ARGS --rex_frac=1.0 \
+    $PY phantom.py --out="$DATA/phantom" --size=$SIZE $PHANTOM_ARGS \
         --workers=$WORKERS > "$OUTD/logs/phantom.log" 2>&1 || { tail "$OUTD/logs/phantom.log"; exit 1; }
-    $PY prepare.py --src="$DATA/phantom" --out="$DATA/prepared" --z_mm=5 --size=$SIZE --mask_size=$SIZE \
+    $PY prepare.py --src="$DATA/phantom" --out="$DATA/prepared" --z_mm=$DEMO_Z_MM --size=$SIZE --mask_size=$SIZE \
         --workers=$WORKERS > "$OUTD/logs/prepare.log" 2>&1 || { tail "$OUTD/logs/prepare.log"; exit 1; }
 fi
 
