@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import MISSING, dataclass, field, fields
 
 import torch
@@ -234,6 +235,50 @@ def peak_flops(device):
 
 def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+
+
+class StepLog:
+    """A training loop's log: sums the loss parts between log lines, then writes one line (and one
+    log.jsonl row) with their means, the learning rate, samples/s, ETA and, on CUDA, MFU and peak memory."""
+
+    def __init__(self, batch_size, sample_flops, device, start, stop, world, write, logf, shown=()):
+        self.batch_size, self.sample_flops, self.device = batch_size, sample_flops, device
+        self.stop, self.world = stop, world
+        self.write, self.logf, self.shown = write, logf, shown  # shown: the parts printed beside the loss
+        self.peak = peak_flops(device)
+        self.t_start = self.t_last = time.time()
+        self.step_last, self.sums, self.record = start, {}, None
+
+    def add(self, parts, accum):
+        for k, v in parts.items():
+            self.sums[k] = self.sums.get(k, 0) + v / accum
+
+    def log(self, done, lr, grad_norm):
+        sums = self.sums
+        keys = sorted(sums)
+        vals = torch.stack([sums[k] for k in keys]) / (done - self.step_last)  # mean over the logged steps
+        if self.world > 1:
+            dist.all_reduce(vals)
+            vals /= self.world
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - self.t_last
+        sps = self.batch_size * (done - self.step_last) / dt
+        record = {"step": done, **{k: round(float(v), 5) for k, v in zip(keys, vals)}, "lr": lr,
+                  "grad_norm": round(float(grad_norm), 4), "slabs_per_s": round(sps, 2),
+                  "eta_s": round((self.stop - done) * dt / (done - self.step_last)),
+                  "elapsed_s": round(time.time() - self.t_start, 1)}  # this run (a resume starts again at 0)
+        if self.peak:
+            record["mfu"] = round(self.sample_flops * sps / (self.peak * self.world), 4)
+            record["mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
+        parts_txt = " ".join(f"{k} {record[k]:.4f}" for k in self.shown if k in record)
+        self.write(f"step {done}/{self.stop} | loss {record['loss']:.4f} ({parts_txt}) | lr {lr:.2e} | "
+                   f"{sps:.1f} slabs/s | eta {record['eta_s'] // 60}m{record['eta_s'] % 60:02d}s"
+                   + (f" | mfu {100 * record['mfu']:.1f}% | mem {record['mem_gb']:.1f} GB" if self.peak else ""))
+        if self.logf:
+            self.logf.write(json.dumps(record) + "\n")
+            self.logf.flush()
+        self.t_last, self.step_last, self.sums, self.record = time.time(), done, {}, record
 
 
 # -----------------------------------------------------------------------------

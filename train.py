@@ -14,9 +14,8 @@ the anatomy / abnormality fractions of each crop and each 16x16 patch (RECIPE.md
     python train.py --config=phantom --resume=auto                    # continue from out_dir/ckpt.pt
     python train.py --config=phantom --picture=sample.png             # draw one training sample
 
-The CPU decides everything random about a micro-batch (which volume, which slices, crop boxes,
-flips, gamma, blur) and copies the raw int16 slices and uint8/uint16 masks out of the memmaps; the
-device then crops, resizes, augments and derives the soft targets for the whole micro-batch at once.
+The CPU draws everything random and copies raw slices and masks out of the memmaps; the device then
+crops, resizes, augments and derives the soft targets for the whole micro-batch at once.
 """
 import json
 import math
@@ -36,8 +35,9 @@ import torch.nn.functional as F
 
 import lejepa
 import prepare
-from common import (ABNORMALITY_CODES, N_ANATOMY, FRACTION, NONNEG, POSITIVE, Check, at_least, atomic_torch_save, atomic_write_text, describe,
-                    one_of, parse_config, peak_flops, setting, setup_distributed, world_size)
+from common import (ABNORMALITY_CODES, FRACTION, N_ANATOMY, NONNEG, POSITIVE, Check, StepLog, at_least,
+                    atomic_torch_save, atomic_write_text, describe, one_of, parse_config, setting,
+                    setup_distributed, world_size)
 from lejepa import lejepa_loss
 from model import PATCH, VIT_SIZES, DenseHeads, Projector, build_vit, vit_flops_per_image
 
@@ -252,7 +252,7 @@ def mask_centres(abnormal, anatomy, pick):
     return centre, count > 0
 
 
-def resample_image(hu, theta, size, max_scale):
+def crop_resize(hu, theta, size, max_scale):
     """Crop + resize HU slices: (N, S, S) -> (N, 1, size, size). Bilinear sampling at `ss` points per
     output pixel side, then averaged: a cheap antialias when a crop can be larger than the view
     (a full 512 px slice into a 256 px global view: ss = 2)."""
@@ -315,7 +315,7 @@ def make_views(batch, cfg, device):
     # global views: both from the centre slice
     src = b["index"][:, 0].repeat(2)  # (2B,)
     theta = crop_boxes(vm(b["g_scale"]), vm(b["g_pos"]), vm(b["g_flip"]))  # (2B, 2, 3)
-    xg = intensity(resample_image(b["slices"][src], theta, cfg.global_size, cfg.global_scale_max), vm(b["g_gamma"]), vm(b["g_sigma"]))
+    xg = intensity(crop_resize(b["slices"][src], theta, cfg.global_size, cfg.global_scale_max), vm(b["g_gamma"]), vm(b["g_sigma"]))
     tg = soft_targets(b["anatomy"][src], b["abnormal"][src], theta, cfg.global_size, cfg.target_samples, families)
     # local views: one slab slice each, the box centred on a mask pixel with p_mask_centred
     src = vm(b["index"][:, 1:])  # (L*B,)
@@ -325,7 +325,7 @@ def make_views(batch, cfg, device):
     on_mask = on_mask.clamp(scale[:, None] / 2, 1 - scale[:, None] / 2)  # keep the box in the slice
     centre = torch.where(((vm(b["l_centred"]) > 0) & found)[:, None], on_mask, centre)
     theta = boxes_to_theta(scale, centre, flip)  # (L*B, 2, 3)
-    xl = intensity(resample_image(b["slices"][src], theta, cfg.local_size, cfg.local_scale_max), vm(b["l_gamma"]), None)
+    xl = intensity(crop_resize(b["slices"][src], theta, cfg.local_size, cfg.local_scale_max), vm(b["l_gamma"]), None)
     tl = soft_targets(b["anatomy"][src], b["abnormal"][src], theta, cfg.local_size, cfg.target_samples, families)
     return dict(xg=xg, xl=xl, targets={"g": tg, "l": tl},
                 has_anatomy=b["has_anatomy"], has_abnormality=b["has_abnormality"])
@@ -476,15 +476,14 @@ MODEL_KEYS = ("vit", "variant", "global_size", "proj_hidden", "proj_dim")  # mus
 
 
 def save_checkpoint(path, raw, optimizer, step, cfg, pos_weight):
-    """Atomic: written to path.tmp, then renamed, so a crash never leaves half a checkpoint."""
+    """Atomic (path.tmp, then renamed): a crash never leaves half a checkpoint."""
     ckpt = {"model": raw.vit.state_dict(),  # timm key names: model.load_backbone / timm read it
             "projector": raw.projector.state_dict(),
             "heads": raw.heads.state_dict() if raw.heads is not None else None,
             "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
             "vit": cfg.vit, "img_size": cfg.global_size, "pos_weight": pos_weight,
             "rng": {"torch": torch.get_rng_state(), "data": "derived from (seed, step, slot)"}}
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_torch_save(ckpt, path)
 
 
 def resume_path(cfg):
@@ -525,9 +524,8 @@ def load_checkpoint(path, raw, optimizer, cfg):
 
 
 def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
-    """Use the Triton SIGReg only once it matches lejepa's PyTorch SIGReg on this GPU: a check of
-    about a second at startup (kernels/sigreg.py's own), so a kernel or Triton-version problem
-    costs speed, never a wrong loss. Tolerances: kernels/sigreg.py's GPU check."""
+    """Use the Triton SIGReg only once it matches lejepa's PyTorch SIGReg on this GPU (kernels/sigreg.py's
+    own check at startup): a kernel or Triton-version problem then costs speed, never a wrong loss."""
     try:
         from kernels.sigreg import check
         worst = check(device, log=lambda *a: None)
@@ -541,84 +539,8 @@ def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2
     return ok
 
 
-def open_data(cfg, log):
-    try:
-        ds = prepare.open_split(cfg.data, cfg.split)
-    except prepare.PreparedError as e:
-        raise SystemExit(str(e)) from None
-    if len(ds) == 0:
-        raise SystemExit(f"{cfg.data}: split {cfg.split!r} has no volumes; prepare more data or pick another --split")
-    if cfg.variant == "2s" and not ds.has_abnormality.any():
-        log(f"note: {cfg.data}/{cfg.split} has no abnormality masks: the 2S abnormality term stays 0")
-    log(f"data: {len(ds)} volumes, {len(ds.slices)} slices of {ds.slices.shape[1]} px; "
-        f"{int(ds.has_abnormality.sum())} with abnormality masks, {int(ds.has_anatomy.sum())} with anatomy")
-    return ds
-
-
-class Meter:
-    """Sums the loss parts between log lines; writes one line (and one log.jsonl row) per log_every steps
-    with the loss terms, learning rate, slabs/s, ETA and, on CUDA, MFU and peak memory."""
-
-    def __init__(self, cfg, raw, device, start, stop, ddp, world, write, logf):
-        self.cfg, self.device, self.stop, self.ddp, self.world = cfg, device, stop, ddp, world
-        self.write, self.logf = write, logf
-        # training FLOPs of one slab: 3x the forward of its 2 global and n_local local views (projector, heads < 1%)
-        flops = vit_flops_per_image
-        self.slab_flops = 3 * (2 * flops(raw.vit, cfg.global_size) + cfg.n_local * flops(raw.vit, cfg.local_size))
-        self.peak = peak_flops(device)
-        self.t_start = self.t_last = time.time()
-        self.step_last, self.sums, self.record = start, {}, None
-
-    def add(self, parts, accum):
-        for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0) + v / accum
-
-    def log(self, done, lr, grad_norm):
-        cfg, sums = self.cfg, self.sums
-        keys = sorted(sums)
-        vals = torch.stack([sums[k] for k in keys]) / (done - self.step_last)  # mean over the logged steps
-        if self.ddp:
-            dist.all_reduce(vals)
-            vals /= self.world
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - self.t_last
-        sps = cfg.batch_size * (done - self.step_last) / dt
-        record = {"step": done, **{k: round(float(v), 5) for k, v in zip(keys, vals)}, "lr": lr,
-                  "grad_norm": round(float(grad_norm), 4), "slabs_per_s": round(sps, 2),
-                  "eta_s": round((self.stop - done) * dt / (done - self.step_last)),
-                  "elapsed_s": round(time.time() - self.t_start, 1)}  # this run (a resume starts again at 0)
-        if self.peak:
-            record["mfu"] = round(self.slab_flops * sps / (self.peak * self.world), 4)
-            record["mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
-        parts_txt = " ".join(f"{k} {record[k]:.4f}" for k in ("inv", "sigreg", "anat", "abn") if k in record)
-        self.write(f"step {done}/{self.stop} | loss {record['loss']:.4f} ({parts_txt}) | lr {lr:.2e} | "
-                   f"{sps:.1f} slabs/s | eta {record['eta_s'] // 60}m{record['eta_s'] % 60:02d}s"
-                   + (f" | mfu {100 * record['mfu']:.1f}% | mem {record['mem_gb']:.1f} GB" if self.peak else ""))
-        if self.logf:
-            self.logf.write(json.dumps(record) + "\n")
-            self.logf.flush()
-        self.t_last, self.step_last, self.sums, self.record = time.time(), done, {}, record
-
-
-# -----------------------------------------------------------------------------
-# The run
-
-def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    if cfg.device == "auto":
-        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    ddp, rank, world, device = setup_distributed(cfg.device)  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
-    fused = cfg.fused_sigreg and device.type == "cuda" and fused_sigreg_ok(device, log)
-    if cfg.batch_size % (cfg.micro_batch * world):
-        raise SystemExit(f"batch_size={cfg.batch_size} is not micro_batch={cfg.micro_batch} x {world} ranks x "
-                         f"an integer accumulation; change micro_batch or batch_size")
-    accum = cfg.batch_size // (cfg.micro_batch * world)
-    log(describe(cfg))
-    ds = open_data(cfg, log)
-
+def build(cfg, ds, device, ddp, world, accum, log):
+    """The model (compiled, then DDP-wrapped), its optimiser, the step to start from, the BCE weights."""
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     raw = DaleCT(cfg).to(device)
     optimizer = make_optimizer(raw, cfg, fused=device.type == "cuda")
@@ -640,6 +562,42 @@ def main(argv=None):
             f"cover the global batch of {cfg.batch_size} slabs as on {cfg.batch_size // cfg.micro_batch} GPUs")
     log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M "
         f"parameters; {world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
+    return raw, model, optimizer, start, pos_anat, pos_weight
+
+
+def open_data(cfg, log):
+    try:
+        ds = prepare.open_split(cfg.data, cfg.split)
+    except prepare.PreparedError as e:
+        raise SystemExit(str(e)) from None
+    if len(ds) == 0:
+        raise SystemExit(f"{cfg.data}: split {cfg.split!r} has no volumes; prepare more data or pick another --split")
+    if cfg.variant == "2s" and not ds.has_abnormality.any():
+        log(f"note: {cfg.data}/{cfg.split} has no abnormality masks: the 2S abnormality term stays 0")
+    log(f"data: {len(ds)} volumes, {len(ds.slices)} slices of {ds.slices.shape[1]} px; "
+        f"{int(ds.has_abnormality.sum())} with abnormality masks, {int(ds.has_anatomy.sum())} with anatomy")
+    return ds
+
+
+# -----------------------------------------------------------------------------
+# The run
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    ddp, rank, world, device = setup_distributed(cfg.device)  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    fused = cfg.fused_sigreg and device.type == "cuda" and fused_sigreg_ok(device, log)
+    if cfg.batch_size % (cfg.micro_batch * world):
+        raise SystemExit(f"batch_size={cfg.batch_size} is not micro_batch={cfg.micro_batch} x {world} ranks x "
+                         f"an integer accumulation; change micro_batch or batch_size")
+    accum = cfg.batch_size // (cfg.micro_batch * world)
+    log(describe(cfg))
+    ds = open_data(cfg, log)
+
+    raw, model, optimizer, start, pos_anat, pos_weight = build(cfg, ds, device, ddp, world, accum, log)
     if cfg.picture:
         import plots
         return plots.draw_sample(ds, cfg, cfg.picture, log)
@@ -655,7 +613,11 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    meter = Meter(cfg, raw, device, start, stop, ddp, world, bar.write if bar else log, logf)
+    # training FLOPs of a slab: 3x the forward of its 2 global and n_local local views (projector, heads < 1%)
+    slab_flops = 3 * (2 * vit_flops_per_image(raw.vit, cfg.global_size)
+                      + cfg.n_local * vit_flops_per_image(raw.vit, cfg.local_size))
+    meter = StepLog(cfg.batch_size, slab_flops, device, start, stop, world, bar.write if bar else log, logf,
+                    shown=("inv", "sigreg", "anat", "abn"))
     for step in range(start, stop):
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
