@@ -222,8 +222,8 @@ def print0(*args, **kwargs):
         print(*args, **kwargs)
 
 
-# Dense bf16 tensor FLOP/s from the vendors' datasheets, for MFU: {name fragment: FLOP/s}.
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+# Dense bf16 tensor FLOP/s from the vendors' datasheets, for MFU: {name fragment: FLOP/s}, the first match wins.
+PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
 
 
 def peak_flops(device):
