@@ -42,10 +42,7 @@ that applies it to a fixed file shifts everything by -1024 HU.
 
 The same seed gives byte-identical files, whatever the number of workers:
 every random number comes from a generator seeded by (seed, name of the
-patient/scan/volume). The default (160 + 50 patients, 298 volumes of
-64 x 64 x 26-50 slices, 61 MB) costs about 10 CPU-seconds (~33 ms a volume,
-measured with --workers=1); with --workers=2 it took 15 s of wall time on a
-2-core machine that other jobs were using too.
+patient/scan/volume).
 """
 
 import csv
@@ -57,36 +54,27 @@ import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
 import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from common import FRACTION, LABELS, NONEMPTY, SettingError, apply, at_least, describe, parse_config, setting
+
 
 @dataclass
 class PhantomConfig:
-    out: str = "data/phantom"   # folder to write (a previous phantom there is replaced)
-    train_patients: int = 160   # patients in the "train" split (~1.3 volumes each)
-    valid_patients: int = 50    # patients in the "valid" split (the test set downstream)
-    size: int = 64              # in-plane pixels; the field of view is 340-380 mm, so 64 px = ~5.6 mm
-    slices: int = 34            # typical slice count: z spacings are (0.8, 1.0, 1.2) x 170 mm / slices
-    seed: int = 0               # same seed, same bytes
-    rex_frac: float = 0.25      # fraction of volumes with ReXGroundingCT-style finding masks
-    workers: int = 2            # processes; 1 = in this process (the output does not depend on it)
+    out: str = setting("data/phantom", NONEMPTY)  # folder to write (a previous phantom there is replaced)
+    train_patients: int = setting(160, at_least(1))  # patients in the "train" split (~1.3 volumes each)
+    valid_patients: int = setting(50, at_least(1))   # patients in the "valid" split (the test set downstream)
+    size: int = setting(64, at_least(16))  # in-plane pixels; the field of view is 340-380 mm, so 64 px = ~5.6 mm
+    slices: int = setting(34, at_least(4))  # typical slice count: z spacings are (0.8, 1.0, 1.2) x 170 mm / slices
+    seed: int = 0                           # same seed, same bytes (any integer: it is hashed, see rng_for)
+    rex_frac: float = setting(0.25, FRACTION)  # fraction of volumes with ReXGroundingCT-style finding masks
+    workers: int = setting(2, at_least(1))  # processes; 1 = in this process (the output does not depend on it)
 
-
-# The 18 CT-RATE abnormality columns, in CT-RATE's order. (prepare.py keeps its
-# own copy: this file must run without the rest of the project.)
-LABELS = [
-    "Medical material", "Arterial wall calcification", "Cardiomegaly",
-    "Pericardial effusion", "Coronary artery wall calcification", "Hiatal hernia",
-    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
-    "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
-    "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-]
 
 # ReXGroundingCT finding category of each label (three labels have none, so
 # they never get a mask).
@@ -113,9 +101,10 @@ LOBE_NAMES = {10: "left upper lobe", 11: "left lower lobe", 12: "right upper lob
 
 # Labels come from a liability-threshold model: label = [a + w.latent + eps > 0]
 # with standard normal latents and eps, and a set so that the marginal
-# prevalence is exactly PREVALENCE (before the small top-up in plan_volumes). The shared latents make plausible pairs
-# co-occur (age: calcifications; smoking: emphysema and nodules; heart failure:
-# cardiomegaly and effusions; infection: consolidation and opacity), mildly.
+# prevalence is exactly PREVALENCE (before the small top-up in plan_volumes).
+# Latents common to several labels make plausible pairs co-occur (age:
+# calcifications; smoking: emphysema and nodules; heart failure: cardiomegaly
+# and effusions; infection: consolidation and opacity), mildly.
 # Prevalences span roughly CT-RATE's range, the rarest raised to 12% so that
 # the 50-patient test split holds several positives of every class.
 PREVALENCE = {
@@ -150,23 +139,6 @@ MANUFACTURERS = {  # name -> (sharp kernel, soft kernel) as they appear in serie
 }
 
 
-def parse_args(argv: list[str]) -> PhantomConfig:
-    """--key=value overrides of PhantomConfig; anything else is refused."""
-    cfg = PhantomConfig()
-    types = {f.name: f.type for f in fields(cfg)}
-    for arg in argv:
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            sys.exit(f"phantom.py: cannot read argument {arg!r}; write --key=value, keys: {', '.join(types)}")
-        if key not in types:
-            sys.exit(f"phantom.py: unknown option --{key}; known: {', '.join(types)}")
-        try:
-            setattr(cfg, key, types[key](value))
-        except ValueError:
-            sys.exit(f"phantom.py: --{key}={value} is not a valid {types[key].__name__}")
-    return cfg
-
-
 def rng_for(*keys) -> np.random.Generator:
     """A generator that depends only on its keys (not on call order or process),
     which is what makes the output independent of the number of workers."""
@@ -175,8 +147,8 @@ def rng_for(*keys) -> np.random.Generator:
 
 
 # ----------------------------------------------------------------------------
-# Planning: which volumes exist, their labels, geometry and flags. Cheap (no
-# voxels), so tests can plan the full default set in milliseconds.
+# Planning: which volumes exist, their labels, geometry and flags. No voxels
+# are drawn here, so tests can plan the full default set.
 
 def draw_labels(rng, latent, previous_eps):
     """One scan's 18 labels from the liability-threshold model, with their
@@ -197,7 +169,7 @@ def draw_labels(rng, latent, previous_eps):
 
 
 def draw_patient(rng):
-    """Body shape of one patient, in mm (shared by all their scans)."""
+    """Body shape of one patient, in mm (the same in all their scans)."""
     return dict(
         A=rng.uniform(135, 160), B=rng.uniform(108, 128),      # body half-width, half-depth
         f=rng.uniform(8, 22), m=rng.uniform(8, 14),             # subcutaneous fat, chest-wall muscle
@@ -238,13 +210,14 @@ def make_chest(body, rng, labels, size, dz_max):
     return {k: float(v) for k, v in c.items()}
 
 
-def plan_volumes(train_patients=160, valid_patients=50, size=64, slices=34, seed=0, rex_frac=0.25):
+def plan_volumes(cfg: PhantomConfig):
     """The list of volumes to write, each a dict with everything the writer
     and the CSVs need (name, split, labels, spacing, flags, geometry)."""
-    dz_mid = 170.0 / slices
+    seed, size = cfg.seed, cfg.size
+    dz_mid = 170.0 / cfg.slices
     dz_options = [round(k * dz_mid, 2) for k in (0.8, 1.0, 1.2)]
     scans = []
-    for split, n_patients in (("train", train_patients), ("valid", valid_patients)):
+    for split, n_patients in (("train", cfg.train_patients), ("valid", cfg.valid_patients)):
         for p in range(1, n_patients + 1):
             prng = rng_for(seed, split, p)
             body = draw_patient(prng)
@@ -295,7 +268,7 @@ def plan_volumes(train_patients=160, valid_patients=50, size=64, slices=34, seed
         vols = [v for v in plan if v["split"] == split]
         # Masks: an exact share of the volumes, favouring those with findings
         # (weighted sampling without replacement, keys -log(u)/w, Efraimidis-Spirakis).
-        n_rex = max(1, round(rex_frac * len(vols))) if rex_frac > 0 and vols else 0
+        n_rex = max(1, round(cfg.rex_frac * len(vols))) if cfg.rex_frac > 0 and vols else 0
         keyed = sorted(vols, key=lambda v: -np.log(rng_for(seed, v["name"], "rex").random())
                        / (1 + sum(v["labels"][i] for i, k in enumerate(LABELS) if k in CATEGORY)))
         for v in keyed[:n_rex]:
@@ -936,13 +909,17 @@ def write_csv(path, header, rows):
 OUTPUTS = ["train_fixed", "valid_fixed", "metadata", "multi_abnormality_labels", "ts_seg", "rexgroundingct"]
 
 
-def write_phantom(out, train_patients=160, valid_patients=50, size=64, slices=34, seed=0,
-                  rex_frac=0.25, workers=1, progress=False) -> dict:
-    """Write the dataset under `out` and return a summary (counts, prevalences, seconds)."""
+def write_phantom(out, progress=False, **settings) -> dict:
+    """Write the dataset under `out` and return a summary (counts, prevalences, seconds). `settings`
+    are PhantomConfig's fields (its defaults for the rest), checked as on the command line."""
     t0 = time.time()
-    if size < 16 or slices < 4 or train_patients < 1 or valid_patients < 1 or not 0 <= rex_frac <= 1:
-        raise ValueError(f"phantom: need size >= 16, slices >= 4, at least one patient per split and "
-                         f"rex_frac in [0, 1] (got size={size}, slices={slices}, rex_frac={rex_frac})")
+    cfg = PhantomConfig()
+    try:
+        for key, value in dict(settings, out=os.fspath(out)).items():
+            apply(cfg, key, value, "phantom")
+    except SettingError as e:
+        raise ValueError(str(e)) from None
+    out = cfg.out
     if os.path.isdir(out) and os.listdir(out):
         if not os.path.exists(f"{out}/phantom.json"):
             raise FileExistsError(f"phantom: {out} is not empty and holds no phantom.json, so it is not a "
@@ -950,11 +927,11 @@ def write_phantom(out, train_patients=160, valid_patients=50, size=64, slices=34
         for d in OUTPUTS:   # replace a previous phantom entirely, so no stale volume survives
             shutil.rmtree(f"{out}/{d}", ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    plan = plan_volumes(train_patients, valid_patients, size, slices, seed, rex_frac)
+    plan = plan_volumes(cfg)
     jobs = [(out, v) for v in plan]
     bar = dict(total=len(jobs), desc="phantom", unit="vol", disable=not progress)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
+    if cfg.workers > 1:
+        with ProcessPoolExecutor(cfg.workers) as pool:
             results = list(tqdm(pool.map(write_volume, jobs, chunksize=4), **bar))
     else:
         results = [write_volume(j) for j in tqdm(jobs, **bar)]
@@ -977,24 +954,22 @@ def write_phantom(out, train_patients=160, valid_patients=50, size=64, slices=34
     labels = np.array([v["labels"] for v in plan])
     summary = dict(
         volumes={s: sum(v["split"] == s for v in plan) for s in ("train", "valid")},
-        patients={"train": train_patients, "valid": valid_patients},
+        patients={"train": cfg.train_patients, "valid": cfg.valid_patients},
         raw_headers=sum(v["raw"] for v in plan), with_anatomy=sum(v["anatomy"] for v in plan),
         with_masks=sum(v["rex"] for v in plan),
         prevalence={k: round(float(p), 4) for k, p in zip(LABELS, labels.mean(0))},
         min_finding_voxels=min((n for _, c in results for n in c.values()), default=0),
     )
-    config = dict(train_patients=train_patients, valid_patients=valid_patients, size=size,
-                  slices=slices, seed=seed, rex_frac=rex_frac)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers")}
     with open(f"{out}/phantom.json", "w") as f:
         json.dump({"config": config, "summary": summary}, f, indent=1)
     return dict(out=out, **summary, seconds=round(time.time() - t0, 2))
 
 
-def main():
-    cfg = parse_args(sys.argv[1:])
-    print(json.dumps(asdict(cfg)))
-    s = write_phantom(cfg.out, cfg.train_patients, cfg.valid_patients, cfg.size, cfg.slices, cfg.seed,
-                      cfg.rex_frac, cfg.workers, progress=True)
+def main(argv):
+    cfg = parse_config(PhantomConfig, argv, "phantom.py")
+    print(describe(cfg))
+    s = write_phantom(progress=True, **asdict(cfg))
     print(f"wrote {s['volumes']['train']} train + {s['volumes']['valid']} valid volumes to {cfg.out} "
           f"in {s['seconds']:.1f} s ({s['with_masks']} with finding masks, "
           f"{s['volumes']['train'] + s['volumes']['valid'] - s['with_anatomy']} without anatomy)")
@@ -1002,4 +977,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -17,7 +17,7 @@ from at random without loading them:
 
 Splits: `train` and `val` (held-out train *patients*, for probe selection) come from
 CT-RATE `train`; `test` is CT-RATE `valid`. Slices of a volume are contiguous, the first
-one is the most superior (lung apex end).
+one is the most superior (lung apex end). The reader, `open_split(OUT, split)`, comes first.
 
 Run:   python prepare.py --src=data/phantom --out=data/prepared
        python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
@@ -25,8 +25,7 @@ Run:   python prepare.py --src=data/phantom --out=data/prepared
 Each volume is written straight into its rows of its split's arrays in OUT/.staging (its
 slice count is known from its header), then marked done, so a crash or Ctrl-C loses at most
 the volumes in flight: the same command continues. The arrays move into OUT/{split}/ and then
-the manifest is written only when every volume is done. The reader is `open_split(OUT, split)`
-at the bottom.
+the manifest is written only when every volume is done.
 """
 import csv
 import gzip
@@ -37,86 +36,414 @@ import shutil
 import sys
 import time
 import zlib
-from dataclasses import asdict, dataclass, fields
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing import get_context
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, at_least,
+                    atomic_write_text, describe, one_of, parse_config, setting)
+
 # -----------------------------------------------------------------------------
-# Constants of the data (DESIGN.md 2)
+# The format: a split is four arrays of S slices each, plus its table (RECIPE.md 2)
 
 FORMAT_VERSION = 1
-# CT-RATE's 18 abnormality columns, in the order of its label CSVs.
-LABELS = [
-    "Medical material", "Arterial wall calcification", "Cardiomegaly",
-    "Pericardial effusion", "Coronary artery wall calcification", "Hiatal hernia",
-    "Lymphadenopathy", "Emphysema", "Atelectasis", "Lung nodule", "Lung opacity",
-    "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
-    "Peribronchial thickening", "Consolidation", "Bronchiectasis",
-    "Interlobular septal thickening",
-]
-# ReXGroundingCT's 14 finding categories; bit c of an abnormality mask = category c.
-ABNORMALITY_CODES = ["1a", "1b", "1c", "1d", "1e", "1f", "2a", "2b", "2c", "2d", "2e", "2f", "2g", "2h"]
-N_ANATOMY = 118  # TotalSegmentator "total": 117 structures + background 0
-# Intensity normalisation: clip, then z-score with CT-RATE foreground statistics (DESIGN.md 2).
+ARRAYS = {"slices": ("slices.i16", np.int16), "anatomy": ("anatomy.u8", np.uint8),
+          "abnormal": ("abnormal.u16", np.uint16), "depth": ("depth.f32", np.float32)}
+# Intensity normalisation: clip, then z-score with CT-RATE foreground statistics (RECIPE.md 2).
 HU_CLIP = (-997.0, 888.0)
 HU_MEAN, HU_STD = -142.39, 360.97
-BODY_HU = -500.0      # body = HU above this (DESIGN.md 7)
-BODY_OPEN_MM = 19.0   # opening window: DESIGN.md 7's 25 px at CT-RATE's typical 0.75 mm
-AIR_RANGE = (-1100.0, -900.0)  # where air must sit once in HU, or the HU decision was wrong
-SPACING_TOL = 0.02    # header and CSV spacing may differ by 2% before we call it a disagreement
+
+
+def array_shapes(size, mask_size):
+    """Per-slice shape of each array of a split."""
+    return {"slices": (size, size), "anatomy": (mask_size, mask_size), "abnormal": (mask_size, mask_size),
+            "depth": (2,)}
+
+
+def slice_nbytes(cfg):
+    """Bytes of one slice in each array."""
+    shapes = array_shapes(cfg.size, cfg.mask_size)
+    return {k: int(np.prod(shapes[k])) * np.dtype(dt).itemsize for k, (_, dt) in ARRAYS.items()}
 
 
 def normalize_hu(x):
-    """HU (any dtype tensor) -> float32 network input (DESIGN.md 2)."""
+    """HU (any dtype tensor) -> float32 network input (RECIPE.md 2)."""
     return (x.float().clamp(*HU_CLIP) - HU_MEAN) / HU_STD
+
+
+class PreparedError(Exception):
+    """A prepared folder that cannot be read; the message says why and what to do."""
+
+
+class PreparedSplit:
+    """One split of a prepared folder, memory-mapped: nothing is loaded until indexed."""
+
+    def __init__(self, root, split):
+        path = os.path.join(root, "manifest.json")
+        if not os.path.exists(path):
+            raise PreparedError(f"{root}: no manifest.json, so not a finished prepared dataset "
+                                f"(run `python prepare.py --out={root}`, or let an interrupted run finish)")
+        with open(path) as f:
+            self.manifest = manifest = json.load(f)
+        if manifest.get("format") != "dale-ct-prepared" or manifest.get("version") != FORMAT_VERSION:
+            raise PreparedError(f"{path}: format {manifest.get('format')} v{manifest.get('version')}, this code "
+                                f"reads dale-ct-prepared v{FORMAT_VERSION}; prepare the data again")
+        if split not in manifest["splits"]:
+            raise PreparedError(f"{root}: no split {split!r}; it has {list(manifest['splits'])}")
+        d = os.path.join(root, split)
+        with open(os.path.join(d, "volumes.json")) as f:
+            rows = json.load(f)
+        self.split, self.rows = split, rows
+        S = manifest["splits"][split]["slices"]
+        shapes = array_shapes(manifest["size"], manifest["mask_size"])
+        for k, (fn, dt) in ARRAYS.items():  # np.memmap cannot map zero bytes: an empty split has one row
+            setattr(self, k, np.memmap(os.path.join(d, fn), dt, "r", shape=(max(S, 1), *shapes[k]))[:S])
+        self.depth_mm, self.depth_pos = self.depth[:, 0], self.depth[:, 1]
+        self.names = [r["name"] for r in rows]
+        self.patients = [r["patient"] for r in rows]
+        self.start = np.array([r["start"] for r in rows], np.int64)
+        self.count = np.array([r["count"] for r in rows], np.int64)
+        self.z_mm = np.array([r["z_mm"] for r in rows], np.float32)
+        self.mm_per_px = np.array([r["mm_per_px"] for r in rows], np.float32)
+        self.labels = np.array([r["labels"] for r in rows], np.float32).reshape(len(rows), len(LABELS))
+        self.has_anatomy = np.array([r["has_anatomy"] for r in rows], bool)
+        self.has_abnormality = np.array([r["has_abnormality"] for r in rows], bool)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def volume(self, i):
+        return slice(int(self.start[i]), int(self.start[i] + self.count[i]))
+
+
+def open_split(root, split):
+    return PreparedSplit(root, split)
 
 
 # -----------------------------------------------------------------------------
 # Configuration
 
+HU_SOURCES = ("auto", "header", "csv")
+
+
 @dataclass
 class Config:
-    src: str = "data/phantom"      # CT-RATE-shaped folder (the real one or phantom.py's)
-    out: str = "data/prepared"     # where the prepared dataset goes
-    z_mm: float = 1.0              # slice spacing after resampling; DALE-CT uses 1 mm (DESIGN.md 2)
-    size: int = 256                # stored in-plane pixels a side (crops/resizes happen at train time)
-    mask_size: int = 128           # stored mask pixels a side; DALE-CT keeps masks at 128 (DESIGN.md 2)
-    rex: str = ""                  # ReXGroundingCT folder (dataset.json + segmentations/); "" = SRC/rexgroundingct
-    val_patients: int = 1000       # train patients held out as `val`; DALE-CT holds out 1,000 (DESIGN.md 2),
-                                   # capped at a fifth of the train patients for small datasets
-    seed: int = 0                  # seed of the patient split
-    hu: str = "auto"               # HU from: auto (header if it carries scaling, else the CSV), header, csv
-    workers: int = 2               # processes reading volumes
-    strict: bool = False           # any rejected volume is fatal
-    keep_staging: bool = False     # keep OUT/.staging after success (debugging)
+    src: str = setting("data/phantom", NONEMPTY)    # CT-RATE-shaped folder (the real one or phantom.py's)
+    out: str = setting("data/prepared", NONEMPTY)   # where the prepared dataset goes
+    z_mm: float = setting(1.0, POSITIVE)    # slice spacing after resampling; DALE-CT uses 1 mm (RECIPE.md 2)
+    size: int = setting(256, at_least(16))  # stored in-plane pixels a side, at least one 16 px patch (RECIPE.md 4)
+    mask_size: int = setting(128, at_least(1))   # stored mask pixels a side; DALE-CT keeps 128 (RECIPE.md 2)
+    rex: str = ""                           # ReXGroundingCT folder (dataset.json + segmentations/); "" = SRC/rexgroundingct
+    val_patients: int = setting(1000, NONNEG)    # train patients held out as `val`; DALE-CT holds out 1,000
+                                                 # (RECIPE.md 2), capped at a fifth of the train patients
+    seed: int = setting(0, NONNEG)          # seed of the patient split
+    hu: str = setting("auto", one_of(*HU_SOURCES))  # HU from: the header if it carries scaling, else the CSV
+    workers: int = setting(2, at_least(1))  # processes reading volumes
+    strict: bool = False                    # any rejected volume is fatal
+    keep_staging: bool = False              # keep OUT/.staging after success (debugging)
 
-
-def parse_args(argv, cls=Config):
-    """--key=value overrides of a dataclass; unknown keys are an error."""
-    cfg, known = cls(), {f.name: f for f in fields(cls)}
-    for arg in argv:
-        key, eq, value = arg.lstrip("-").partition("=")
-        key = key.replace("-", "_")
-        if not arg.startswith("--") or key not in known:
-            sys.exit(f"unknown argument {arg!r}; known: " + ", ".join(f"--{k}" for k in known))
-        typ = type(getattr(cfg, key))
-        if typ is bool:
-            value = (value or "true").lower() in ("1", "true", "yes")
-        setattr(cfg, key, typ(value))
-    return cfg
+    def problems(self):
+        same = os.path.abspath(self.src) == os.path.abspath(self.out)
+        return [f"--out={self.out} is the source folder; pick another --out"] if same else []
 
 
 # -----------------------------------------------------------------------------
-# 1. Discovery: which volumes exist, with their CSV rows and masks
+# 1. One volume: NIfTI -> HU, orientation, body crop, resampling, masks
+
+BODY_HU = -500.0      # body = HU above this (RECIPE.md 7)
+BODY_OPEN_MM = 19.0   # opening window: RECIPE.md 7's 25 px at CT-RATE's typical 0.75 mm
+AIR_RANGE = (-1100.0, -900.0)  # where air must sit once in HU, or the HU decision was wrong
+SPACING_TOL = 0.02    # header and CSV spacing may differ by 2% before we call it a disagreement
+
 
 class Reject(Exception):
     """A volume that cannot be prepared; the message says what is wrong and what to do."""
 
+
+def gunzip(blob):
+    """The whole .gz in one call, where nibabel streams it through the gzip module in 8 KiB pieces.
+    zlib checks the gzip CRC and length; a file of several gzip members (bgzip), of which zlib
+    reads only the first, goes the slow way."""
+    z = zlib.decompressobj(wbits=31)  # 31 = 16 + 15: deflate inside a gzip header and trailer
+    data = z.decompress(blob)
+    if not z.eof:
+        raise EOFError("compressed stream ends early")
+    return gzip.decompress(blob) if z.unused_data.strip(b"\0") else data
+
+
+def load_nifti(path, what):
+    """(image, stored voxels) of a NIfTI file. nibabel parses the header (offset, dtype and byte
+    order, shape, scaling); the voxels are a read-only view of the decompressed bytes, not a copy."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+    from nibabel.wrapstruct import WrapStructError
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        data = gunzip(data) if path.endswith(".gz") else data
+        klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(data[:540]) else nib.Nifti1Image
+        img = klass.from_bytes(data)
+        proxy = img.dataobj
+        raw = np.frombuffer(data, proxy.dtype, int(np.prod(proxy.shape)), proxy.offset)
+        raw = raw.reshape(proxy.shape, order=proxy.order)  # NIfTI order (X, Y, Z, ...), Fortran layout
+    except (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, WrapStructError) as e:
+        raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+                     f"download it again")
+    return img, raw
+
+
+def hu_scaling(img, raw, job, how):
+    """(slope, intercept, source) that turn the stored values into HU. The header decides
+    (RECIPE.md 2), the air check verifies. Works on the raw array: the volume is converted to
+    float only inside the body box, later."""
+    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    header_scaled = (slope, inter) != (1.0, 0.0)
+    source = how if how != "auto" else ("header" if header_scaled else "csv")
+    if source == "csv":
+        try:
+            slope, inter = float(job["meta"]["RescaleSlope"]), float(job["meta"]["RescaleIntercept"])
+        except ValueError:
+            raise Reject(f"{job['path']}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
+    if not slope > 0:
+        raise Reject(f"{job['path']}: rescale slope {slope:g} from the {source}; expected a positive number")
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # integers cannot be NaN
+        raise Reject(f"{job['path']}: NaN or inf voxels; the file is damaged: download it again")
+    coarse = raw[::4, ::4, ::4]  # 1/64 of the voxels: enough to tell almost any volume from a constant one
+    if coarse.min() == coarse.max() and raw.min() == raw.max():
+        raise Reject(f"{job['path']}: constant volume (every voxel {raw.flat[0]:g}); not an image")
+    # Verify: the image border is mostly air (-1000 HU). A constant fill outside the scanner's
+    # circular field of view (e.g. -3024) is ignored; noisy air is never one repeated value.
+    border = np.concatenate([raw[:2].ravel(), raw[-2:].ravel(), raw[:, :2].ravel(), raw[:, -2:].ravel()])
+    border = border.astype(np.float32) * slope + inter
+    lo = border.min()
+    if lo < AIR_RANGE[0] and (border == lo).mean() > 0.01:
+        border = border[border != lo]
+    air = float(np.median(border)) if border.size else float("nan")
+    if not AIR_RANGE[0] <= air <= AIR_RANGE[1]:
+        raise Reject(f"{job['path']}: HU check failed: air at {air:.0f} HU after scaling from the {source} "
+                     f"(slope {slope:g}, intercept {inter:g}); expected {AIR_RANGE[0]:.0f}..{AIR_RANGE[1]:.0f}. "
+                     f"Try --hu={'header' if source == 'csv' else 'csv'} if this file's scaling is stored elsewhere")
+    return slope, inter, source
+
+
+def parse_spacing(text):
+    return [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))]
+
+
+def geometry(img, job):
+    """In-plane and z spacing in mm, whether array index z runs toward the head, and where that came from."""
+    aff = img.affine
+    header_known = not np.allclose(aff[:3, :3], np.eye(3))  # CT-RATE originals: identity = no spacing
+    csv_xy, csv_z = parse_spacing(job["meta"]["XYSpacing"]), parse_spacing(job["meta"]["ZSpacing"])
+    csv_ok = len(csv_xy) >= 1 and len(csv_z) == 1 and min(csv_xy + csv_z) > 0
+    if header_known:
+        xy, z = float(img.header.get_zooms()[0]), float(img.header.get_zooms()[2])
+        if csv_ok and (abs(xy - csv_xy[0]) > SPACING_TOL * xy or abs(z - csv_z[0]) > SPACING_TOL * z):
+            raise Reject(f"{job['path']}: spacing disagreement: header says {xy:g} x {z:g} mm, metadata CSV says "
+                         f"{csv_xy[0]:g} x {csv_z[0]:g} mm; fix whichever is wrong")
+    elif csv_ok:
+        xy, z = csv_xy[0], csv_z[0]
+    else:
+        raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
+                     f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
+    # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
+    # (RAS); we flip such volumes so that slice 0 is always the most superior one. An identity affine
+    # carries no direction: we then assume the same (index up = superior) and say so in the table.
+    return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
+
+
+def orient(arr, flip_z):
+    """NIfTI (X, Y, Z) -> (Z, Y, X) slices, slice 0 most superior."""
+    arr = arr.transpose(2, 1, 0)
+    return arr[::-1] if flip_z else arr
+
+
+def square_window(m, k, op):
+    """op (np.logical_and: erosion, np.logical_or: dilation) over the k x k square centred on each
+    pixel of each slice of bool m (D, h, w), False outside: one axis at a time, in-place ops on
+    shifted views."""
+    for axis in (1, 2):
+        n = m.shape[axis]
+        padded = np.pad(m, [(k // 2, k // 2) if a == axis else (0, 0) for a in range(m.ndim)])
+        out = padded[(slice(None),) * axis + (slice(0, n),)].copy()
+        for i in range(1, k):
+            op(out, padded[(slice(None),) * axis + (slice(i, i + n),)], out=out)
+        m = out
+    return m
+
+
+def erode(m, k):
+    return square_window(m, k, np.logical_and)
+
+
+def dilate(m, k):
+    return square_window(m, k, np.logical_or)
+
+
+def body_box(vol, px_mm, body_threshold):
+    """One square box (y0, x0, side) around the body over all slices (RECIPE.md 7); the body is
+    vol > body_threshold (BODY_HU in the units of vol). A per-slice opening removes the table and
+    cables, on a ~4 mm grid. Dilation commutes with a union, so the union of the per-slice
+    openings is the dilation of the union of the per-slice erosions: only the erosion runs on
+    every slice."""
+    stride = max(1, int(4.0 / px_mm))
+    m = vol[:, ::stride, ::stride] > body_threshold  # (D, h, w)
+    k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
+    opened = dilate(erode(m, k).any(0, keepdims=True), k)[0]  # union of per-slice openings  (h, w)
+    ys, xs = np.nonzero(opened)
+    if len(ys) == 0:
+        raise Reject("no body found: no region above -500 HU survives the opening")
+    y0, y1 = ys.min() * stride, (ys.max() + 1) * stride
+    x0, x1 = xs.min() * stride, (xs.max() + 1) * stride
+    side = max(y1 - y0, x1 - x0)
+    return int(y0 + y1 - side) // 2, int(x0 + x1 - side) // 2, int(side)
+
+
+def crop_hu(vol, y0, x0, side, slope, inter):
+    """float32 HU of vol[:, y0:y0+side, x0:x0+side], air (-1024) where the box leaves the image."""
+    D, H, W = vol.shape
+    out = np.empty((D, side, side), dtype=np.float32)
+    sy, sx = max(0, -y0), max(0, -x0)
+    ey, ex = min(side, H - y0), min(side, W - x0)
+    if (sy, sx, ey, ex) != (0, 0, side, side):
+        out.fill(-1024.0)
+    inside = out[:, sy:ey, sx:ex]
+    np.multiply(vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex], np.float32(slope), out=inside)  # int -> float32 once
+    inside += np.float32(inter)
+    return out  # (D, side, side)
+
+
+def slice_count(depth, z_src, z_mm):
+    """Slices after resampling `depth` slices `z_src` mm apart to `z_mm`. The header alone gives it,
+    so every volume's place in the output is known before any voxel is read (section 3)."""
+    return max(1, round(depth * z_src / z_mm))
+
+
+def z_positions(depth, z_src, z_mm):
+    """Fractional source indices of the resampled slices (centres aligned)."""
+    n = slice_count(depth, z_src, z_mm)
+    return np.clip((np.arange(n) + 0.5) * z_mm / z_src - 0.5, 0, depth - 1)
+
+
+def resample_volume(vol, zpos, size):
+    """(D, s, s) HU -> (n, size, size) int16: antialiased bilinear in-plane, linear in z."""
+    x = torch.from_numpy(vol)[:, None]
+    if vol.shape[1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    x = x[:, 0]  # (D, size, size)
+    i0 = np.floor(zpos).astype(np.int64)
+    i1 = np.minimum(i0 + 1, vol.shape[0] - 1)
+    out = x.index_select(0, torch.from_numpy(i0))  # the slice below each position, a copy  (n, size, size)
+    if (zpos > i0).any():  # interpolate; not needed when z_src == z_mm (every position is a source slice)
+        w_z = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
+        out.lerp_(x.index_select(0, torch.from_numpy(i1)), w_z)  # in place
+    return out.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
+
+
+def resample_mask(arr, flip_z, box, zpos, size):
+    """Label map(s) in NIfTI order (..., X, Y, Z) -> (..., n, size, size) on the grid of the slices:
+    the same orientation, box and z positions, by nearest neighbour (labels must not blend).
+    One np.take per axis on the reversed view (Z, Y, X, ...), which is C-contiguous for NIfTI's
+    Fortran layout: the y gather copies whole rows and shrinks the data before the element-wise
+    x gather; z goes last, as it often grows the data (upsampling). Nothing of the source's size
+    is copied."""
+    X, Y, Z = arr.shape[-3:]
+    y0, x0, side = box
+    zi = np.round(zpos).astype(np.int64)
+    zi = Z - 1 - zi if flip_z else zi  # (n,)
+    grid = ((np.arange(size) + 0.5) * side / size).astype(np.int64)
+    yi, xi = y0 + grid, x0 + grid  # (size,) each; may leave the image where the box was padded
+    zyx = arr.T  # (Z, Y, X, ...)
+    out = zyx.take(np.clip(yi, 0, Y - 1), 1).take(np.clip(xi, 0, X - 1), 2).take(zi, 0)  # (n, size, size, ...)
+    outside = ((yi < 0) | (yi >= Y))[:, None] | ((xi < 0) | (xi >= X))[None, :]  # (size, size)
+    out[:, outside] = 0
+    return np.moveaxis(out, (0, 1, 2), (-3, -2, -1))  # (..., n, size, size)
+
+
+def read_label_row(job):
+    """The volume's 18 labels from its CSV row, each 0 or 1."""
+    labels = []
+    for c in LABELS:
+        v = job["labels"][c].strip()
+        if v not in ("0", "1", "0.0", "1.0"):
+            raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
+        labels.append(int(float(v)))
+    return labels
+
+
+def anatomy_mask(job, raw, flip_z, box, zpos, m):
+    """(n, m, m) uint8 TotalSegmentator labels on the slices' grid; zeros without a mask."""
+    if not job["anat"]:
+        return np.zeros((len(zpos), m, m), np.uint8)
+    _, a = load_nifti(job["anat"], "anatomy mask")
+    if a.shape != raw.shape:
+        raise Reject(f"{job['anat']}: anatomy mask shape {a.shape} does not match its image {raw.shape}; "
+                     f"regenerate the TotalSegmentator mask for this volume")
+    if a.min() < 0 or a.max() >= N_ANATOMY:
+        raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
+    return np.ascontiguousarray(resample_mask(a, flip_z, box, zpos, m).astype(np.uint8, copy=False))
+
+
+def abnormality_mask(job, raw, flip_z, box, zpos, m):
+    """(n, m, m) uint16: bit c set where a ReXGroundingCT finding of category c lies."""
+    abnormal = np.zeros((len(zpos), m, m), np.uint16)
+    entry = job["rex"]
+    if not (entry and entry.get("categories")):
+        return abnormal
+    if not os.path.exists(job["rex_path"]):
+        raise Reject(f"{job['rex_path']}: dataset.json lists findings for {job['name']} but the mask file is "
+                     f"missing; restore it or drop the entry")
+    _, r = load_nifti(job["rex_path"], "abnormality mask")
+    r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z)
+    if r.ndim != 4 or r.shape[1:] != raw.shape:
+        raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
+                     f"(expected (findings, X, Y, Z))")
+    small = resample_mask(r, flip_z, box, zpos, m) > 0  # (F, n, m, m)
+    for f, code in entry["categories"].items():
+        if int(f) >= r.shape[0]:
+            raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
+                         f"{r.shape[0]} channel(s)")
+        bit = np.uint16(1 << ABNORMALITY_CODES.index(code))
+        np.bitwise_or(abnormal, bit, out=abnormal, where=small[int(f)])  # in place, no temporaries
+    return np.ascontiguousarray(abnormal)
+
+
+def process_volume(job, cfg):
+    """One CT-RATE volume -> dict of arrays and its table row. Raises Reject."""
+    img, raw = load_nifti(job["path"], "image")
+    if raw.ndim != 3:
+        raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
+    slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
+    px_mm, z_src, flip_z, z_dir = geometry(img, job)
+    labels = read_label_row(job)
+    vol = orient(raw, flip_z)  # (D, Y, X), stored values
+    try:
+        box = body_box(vol, px_mm, (BODY_HU - inter) / slope)
+    except Reject as e:
+        raise Reject(f"{job['path']}: {e}; is this a CT volume?")
+    y0, x0, side = box
+    zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
+    slices = resample_volume(crop_hu(vol, y0, x0, side, slope, inter), zpos, cfg.size)  # (n, size, size)
+    anatomy = anatomy_mask(job, raw, flip_z, box, zpos, cfg.mask_size)
+    abnormal = abnormality_mask(job, raw, flip_z, box, zpos, cfg.mask_size)
+    n = len(zpos)
+    depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
+    depth = np.stack([depth_mm, depth_mm / max(depth_mm[-1], 1e-6)], 1).astype(np.float32)  # (n, 2)
+    row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
+               mm_per_px=side * px_mm / cfg.size, labels=labels, has_anatomy=job["anat"] is not None,
+               has_abnormality=job["rex"] is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
+               src_shape=list(raw.shape), flip_z=bool(flip_z), z_direction=z_dir, box=[int(y0), int(x0), int(side)])
+    return dict(slices=slices, anatomy=anatomy, abnormal=abnormal, depth=depth, row=row)
+
+
+# -----------------------------------------------------------------------------
+# 2. Discovery: which volumes exist, with their CSV rows and masks, and their split
 
 NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
 
@@ -125,8 +452,12 @@ def strip_ext(name):
     return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(name.strip()))
 
 
+def natural_key(s):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
 def read_csv_rows(path, required):
-    """{VolumeName without extension: [rows]} of a CSV, after checking its columns."""
+    """{VolumeName without extension: [rows]} of a CSV and its columns, after checking them."""
     if not os.path.exists(path):
         raise SystemExit(f"{path}: missing. A CT-RATE folder has metadata/ and multi_abnormality_labels/ CSVs; "
                          f"check --src.")
@@ -181,9 +512,11 @@ def discover(cfg):
                        if os.path.isdir(os.path.join(cfg.src, d))), None)
         if folder is None:
             continue
-        meta = read_csv_rows(os.path.join(cfg.src, "metadata", f"{meta_name}_metadata.csv"),
+        meta_csv = f"metadata/{meta_name}_metadata.csv"
+        labels_csv = f"multi_abnormality_labels/{src_split}_predicted_labels.csv"
+        meta = read_csv_rows(os.path.join(cfg.src, meta_csv),
                              ["VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"])[0]
-        labels = read_labels(os.path.join(cfg.src, "multi_abnormality_labels", f"{src_split}_predicted_labels.csv"))
+        labels = read_labels(os.path.join(cfg.src, labels_csv))
         found = {}
         for root, _, files in os.walk(folder):
             for fn in files:
@@ -191,38 +524,31 @@ def discover(cfg):
                     found.setdefault(strip_ext(fn), []).append(os.path.join(root, fn))
         for name in sorted(found, key=natural_key):
             paths = found[name]
-            path = paths[0]
             m = NAME_RE.match(name)
+            n_meta, n_labels = len(meta.get(name, [])), len(labels.get(name, []))
             reason = None
             if len(paths) > 1:
                 reason = f"duplicate volume name: found at {paths}; keep one copy"
             elif not m or m.group(1) != src_split:
                 reason = f"name {name!r} is not {src_split}_<patient>_<scan>_<recon>; rename it as CT-RATE does"
-            elif len(meta.get(name, [])) != 1:
-                reason = (f"{len(meta.get(name, []))} rows for it in metadata/{meta_name}_metadata.csv "
-                          f"(need exactly one); add or deduplicate its row")
-            elif len(labels.get(name, [])) != 1:
-                reason = (f"{len(labels.get(name, []))} rows for it in multi_abnormality_labels/"
-                          f"{src_split}_predicted_labels.csv (need exactly one); add or deduplicate its row")
+            elif n_meta != 1:
+                reason = f"{n_meta} rows for it in {meta_csv} (need exactly one); add or deduplicate its row"
+            elif n_labels != 1:
+                reason = f"{n_labels} rows for it in {labels_csv} (need exactly one); add or deduplicate its row"
             if reason:
-                rejects.append((name, path, reason))
+                rejects.append((name, paths[0], reason))
                 continue
-            rel = os.path.relpath(path, folder)
-            # masks live under {split}_fixed/ whichever copy of the images is read (DESIGN.md 2)
-            anat = os.path.join(cfg.src, "ts_seg", "ts_total", f"{src_split}_fixed", rel)
+            # masks live under {split}_fixed/ whichever copy of the images is read (RECIPE.md 2)
+            anat = os.path.join(cfg.src, "ts_seg", "ts_total", f"{src_split}_fixed", os.path.relpath(paths[0], folder))
             entry = rex.get(name)
             rex_path = os.path.join(rex_dir, "segmentations", name + ".nii.gz") if entry else None
-            jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=path,
+            jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=paths[0],
                              meta=meta[name][0], labels=labels[name][0],
                              anat=anat if os.path.exists(anat) else None, rex=entry, rex_path=rex_path))
     if not jobs and not rejects:
         raise SystemExit(f"{cfg.src}: no volumes found under train_fixed/, valid_fixed/, train/ or valid/. "
                          f"Point --src at a CT-RATE folder, or run `python phantom.py` first.")
     return jobs, rejects
-
-
-def natural_key(s):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
 
 
 def assign_splits(jobs, cfg):
@@ -236,276 +562,6 @@ def assign_splits(jobs, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 2. One volume: NIfTI -> HU, orientation, body crop, resampling, masks
-
-def gunzip(blob):
-    """The whole .gz in one call. nibabel streams it through the gzip module in 8 KiB pieces,
-    which costs about a third more than the decompression itself (benchmarks/prepare_speed.py).
-    zlib checks the gzip CRC and length; a file of several gzip members (bgzip), of which zlib
-    reads only the first, goes the slow way."""
-    z = zlib.decompressobj(wbits=31)  # 31 = 16 + 15: deflate inside a gzip header and trailer
-    data = z.decompress(blob)
-    if not z.eof:
-        raise EOFError("compressed stream ends early")
-    return gzip.decompress(blob) if z.unused_data.strip(b"\0") else data
-
-
-def load_nifti(path, what):
-    """(image, stored voxels) of a NIfTI file. nibabel parses the header (offset, dtype and byte
-    order, shape, scaling); the voxels are a read-only view of the decompressed bytes, not a copy."""
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-    from nibabel.spatialimages import HeaderDataError
-    from nibabel.wrapstruct import WrapStructError
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        data = gunzip(data) if path.endswith(".gz") else data
-        klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(data[:540]) else nib.Nifti1Image
-        img = klass.from_bytes(data)
-        proxy = img.dataobj
-        raw = np.frombuffer(data, proxy.dtype, int(np.prod(proxy.shape)), proxy.offset)
-        raw = raw.reshape(proxy.shape, order=proxy.order)  # NIfTI order (X, Y, Z, ...), Fortran layout
-    except (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, WrapStructError) as e:
-        raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
-                     f"download it again")
-    return img, raw
-
-
-def parse_spacing(text):
-    vals = [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))]
-    return vals
-
-
-def hu_scaling(img, raw, job, how):
-    """(slope, intercept, source) that turn the stored values into HU. The header decides
-    (DESIGN.md 2), the air check verifies. Works on the raw array: the volume is converted to
-    float only inside the body box, later."""
-    slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
-    header_scaled = (slope, inter) != (1.0, 0.0)
-    source = how if how != "auto" else ("header" if header_scaled else "csv")
-    if source == "csv":
-        try:
-            slope, inter = float(job["meta"]["RescaleSlope"]), float(job["meta"]["RescaleIntercept"])
-        except ValueError:
-            raise Reject(f"{job['path']}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
-    if not slope > 0:
-        raise Reject(f"{job['path']}: rescale slope {slope:g} from the {source}; expected a positive number")
-    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # integers cannot be NaN
-        raise Reject(f"{job['path']}: NaN or inf voxels; the file is damaged: download it again")
-    coarse = raw[::4, ::4, ::4]  # 1/64 of the voxels: enough to tell almost any volume from a constant one
-    if coarse.min() == coarse.max() and raw.min() == raw.max():
-        raise Reject(f"{job['path']}: constant volume (every voxel {raw.flat[0]:g}); not an image")
-    # Verify: the image border is mostly air (-1000 HU). A constant fill outside the scanner's
-    # circular field of view (e.g. -3024) is ignored; noisy air is never one repeated value.
-    border = np.concatenate([raw[:2].ravel(), raw[-2:].ravel(), raw[:, :2].ravel(), raw[:, -2:].ravel()])
-    border = border.astype(np.float32) * slope + inter
-    lo = border.min()
-    if lo < AIR_RANGE[0] and (border == lo).mean() > 0.01:
-        border = border[border != lo]
-    air = float(np.median(border)) if border.size else float("nan")
-    if not AIR_RANGE[0] <= air <= AIR_RANGE[1]:
-        raise Reject(f"{job['path']}: HU check failed: air at {air:.0f} HU after scaling from the {source} "
-                     f"(slope {slope:g}, intercept {inter:g}); expected {AIR_RANGE[0]:.0f}..{AIR_RANGE[1]:.0f}. "
-                     f"Try --hu={'header' if source == 'csv' else 'csv'} if this file's scaling is stored elsewhere")
-    return slope, inter, source
-
-
-def geometry(img, job):
-    """In-plane and z spacing in mm, and whether array index z runs toward the head."""
-    aff = img.affine
-    header_known = not np.allclose(aff[:3, :3], np.eye(3))  # CT-RATE originals: identity = no spacing
-    csv_xy, csv_z = parse_spacing(job["meta"]["XYSpacing"]), parse_spacing(job["meta"]["ZSpacing"])
-    csv_ok = len(csv_xy) >= 1 and len(csv_z) == 1 and min(csv_xy + csv_z) > 0
-    if header_known:
-        xy, z = float(img.header.get_zooms()[0]), float(img.header.get_zooms()[2])
-        if csv_ok and (abs(xy - csv_xy[0]) > SPACING_TOL * xy or abs(z - csv_z[0]) > SPACING_TOL * z):
-            raise Reject(f"{job['path']}: spacing disagreement: header says {xy:g} x {z:g} mm, metadata CSV says "
-                         f"{csv_xy[0]:g} x {csv_z[0]:g} mm; fix whichever is wrong")
-    elif csv_ok:
-        xy, z = csv_xy[0], csv_z[0]
-    else:
-        raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
-                     f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
-    # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
-    # (RAS); we flip such volumes so that slice 0 is always the most superior one. An identity affine
-    # carries no direction: we then assume the same (index up = superior) and say so in the table.
-    return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
-
-
-def window_reduce(m, k, axis, op):
-    """op (np.logical_and or np.logical_or) over the length-k window centred on each pixel of bool
-    m along `axis`, False outside m: k - 1 in-place ops on shifted views, which for the usual
-    k = 5 is about 5x faster than differences of a running sum."""
-    r, n = k // 2, m.shape[axis]
-    pad = [(0, 0)] * m.ndim
-    pad[axis] = (r, r)
-    padded = np.pad(m, pad)  # False outside the image
-
-    def shifted(i):  # padded[..., i:i + n, ...] along `axis`
-        index = [slice(None)] * m.ndim
-        index[axis] = slice(i, i + n)
-        return padded[tuple(index)]
-    out = shifted(0).copy()
-    for i in range(1, k):
-        op(out, shifted(i), out=out)
-    return out
-
-
-def erode(m, k):
-    """Binary erosion of each slice of m (D, h, w) by a k x k square (separable), zeros outside."""
-    return window_reduce(window_reduce(m, k, 1, np.logical_and), k, 2, np.logical_and)
-
-
-def dilate(m, k):
-    return window_reduce(window_reduce(m, k, 1, np.logical_or), k, 2, np.logical_or)
-
-
-def body_box(vol, px_mm, body_threshold):
-    """One square box (y0, x0, side) around the body over all slices (DESIGN.md 7); the body is
-    vol > body_threshold (BODY_HU in the units of vol). A per-slice opening removes the table and
-    cables; it runs on a ~4 mm grid, where it is cheap. Dilation commutes with a union, so the union
-    of the per-slice openings is the dilation of the union of the per-slice erosions: only the
-    erosion runs on every slice."""
-    stride = max(1, int(4.0 / px_mm))
-    m = vol[:, ::stride, ::stride] > body_threshold  # (D, h, w)
-    k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
-    opened = dilate(erode(m, k).any(0, keepdims=True), k)[0]  # union of per-slice openings  (h, w)
-    ys, xs = np.nonzero(opened)
-    if len(ys) == 0:
-        raise Reject("no body found: no region above -500 HU survives the opening")
-    y0, y1 = ys.min() * stride, (ys.max() + 1) * stride
-    x0, x1 = xs.min() * stride, (xs.max() + 1) * stride
-    side = max(y1 - y0, x1 - x0)
-    return int(y0 + y1 - side) // 2, int(x0 + x1 - side) // 2, int(side)
-
-
-def crop_hu(vol, y0, x0, side, slope, inter):
-    """float32 HU of vol[:, y0:y0+side, x0:x0+side], air (-1024) where the box leaves the image."""
-    D, H, W = vol.shape
-    out = np.empty((D, side, side), dtype=np.float32)
-    sy, sx = max(0, -y0), max(0, -x0)
-    ey, ex = min(side, H - y0), min(side, W - x0)
-    if (sy, sx, ey, ex) != (0, 0, side, side):
-        out.fill(-1024.0)
-    inside = out[:, sy:ey, sx:ex]
-    np.multiply(vol[:, y0 + sy:y0 + ey, x0 + sx:x0 + ex], np.float32(slope), out=inside)  # int -> float32 once
-    inside += np.float32(inter)
-    return out  # (D, side, side)
-
-
-def slice_count(depth, z_src, z_mm):
-    """Slices after resampling `depth` slices `z_src` mm apart to `z_mm`. The header alone gives it,
-    so every volume's place in the output is known before any voxel is read (section 3)."""
-    return max(1, round(depth * z_src / z_mm))
-
-
-def z_positions(depth, z_src, z_mm):
-    """Fractional source indices of the resampled slices (centres aligned)."""
-    n = slice_count(depth, z_src, z_mm)
-    return np.clip((np.arange(n) + 0.5) * z_mm / z_src - 0.5, 0, depth - 1)
-
-
-def resample_image(vol, zpos, size):
-    """(D, s, s) HU -> (n, size, size) int16: antialiased bilinear in-plane, linear in z."""
-    x = torch.from_numpy(vol)[:, None]
-    if vol.shape[1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    x = x[:, 0]  # (D, size, size)
-    i0 = np.floor(zpos).astype(np.int64)
-    i1 = np.minimum(i0 + 1, vol.shape[0] - 1)
-    out = x.index_select(0, torch.from_numpy(i0))  # the slice below each position, a copy  (n, size, size)
-    if (zpos > i0).any():  # interpolate; not needed when z_src == z_mm (every position is a source slice)
-        w_z = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
-        out.lerp_(x.index_select(0, torch.from_numpy(i1)), w_z)  # in place
-    return out.round_().clamp_(-32768, 32767).to(torch.int16).numpy()
-
-
-def resample_mask(arr, flip_z, box, zpos, size):
-    """Label map(s) in NIfTI order (..., X, Y, Z) -> (..., n, size, size) on the grid of the slices:
-    the same orientation, box and z positions, by nearest neighbour (labels must not blend).
-    One np.take per axis (about 2x faster than fancy indexing here) on the reversed view
-    (Z, Y, X, ...), which is C-contiguous for NIfTI's Fortran layout: the y gather copies whole
-    rows and shrinks the data before the element-wise x gather; z goes last, as it often grows
-    the data (upsampling). Nothing of the source's size is copied."""
-    X, Y, Z = arr.shape[-3:]
-    y0, x0, side = box
-    zi = np.round(zpos).astype(np.int64)
-    zi = Z - 1 - zi if flip_z else zi  # (n,)
-    grid = ((np.arange(size) + 0.5) * side / size).astype(np.int64)
-    yi, xi = y0 + grid, x0 + grid  # (size,) each; may leave the image where the box was padded
-    zyx = arr.T  # (Z, Y, X, ...)
-    out = zyx.take(np.clip(yi, 0, Y - 1), 1).take(np.clip(xi, 0, X - 1), 2).take(zi, 0)  # (n, size, size, ...)
-    outside = ((yi < 0) | (yi >= Y))[:, None] | ((xi < 0) | (xi >= X))[None, :]  # (size, size)
-    out[:, outside] = 0
-    return np.moveaxis(out, (0, 1, 2), (-3, -2, -1))  # (..., n, size, size)
-
-
-def orient(arr, flip_z):
-    """NIfTI (X, Y, Z) -> (Z, Y, X) slices, slice 0 most superior."""
-    arr = arr.transpose(2, 1, 0)
-    return arr[::-1] if flip_z else arr
-
-
-def process_volume(job, cfg):
-    """One CT-RATE volume -> dict of arrays and its table row. Raises Reject."""
-    img, raw = load_nifti(job["path"], "image")
-    if raw.ndim != 3:
-        raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
-    slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
-    px_mm, z_src, flip_z, z_dir = geometry(img, job)
-    labels = []
-    for c in LABELS:
-        v = job["labels"][c].strip()
-        if v not in ("0", "1", "0.0", "1.0"):
-            raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
-        labels.append(int(float(v)))
-    vol = orient(raw, flip_z)  # (D, Y, X), stored values
-    try:
-        y0, x0, side = body_box(vol, px_mm, (BODY_HU - inter) / slope)
-    except Reject as e:
-        raise Reject(f"{job['path']}: {e}; is this a CT volume?")
-    zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
-    slices = resample_image(crop_hu(vol, y0, x0, side, slope, inter), zpos, cfg.size)  # (n, size, size)
-    n = len(zpos)
-    anatomy = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint8)
-    if job["anat"]:
-        aimg, a = load_nifti(job["anat"], "anatomy mask")
-        if a.shape != raw.shape:
-            raise Reject(f"{job['anat']}: anatomy mask shape {a.shape} does not match its image {raw.shape}; "
-                         f"regenerate the TotalSegmentator mask for this volume")
-        if a.min() < 0 or a.max() >= N_ANATOMY:
-            raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
-        anatomy = resample_mask(a, flip_z, (y0, x0, side), zpos, cfg.mask_size).astype(np.uint8, copy=False)
-    abnormal = np.zeros((n, cfg.mask_size, cfg.mask_size), np.uint16)
-    entry = job["rex"]
-    if entry and entry.get("categories"):
-        if not os.path.exists(job["rex_path"]):
-            raise Reject(f"{job['rex_path']}: dataset.json lists findings for {job['name']} but the mask file is "
-                         f"missing; restore it or drop the entry")
-        _, r = load_nifti(job["rex_path"], "abnormality mask")
-        r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z)
-        if r.ndim != 4 or r.shape[1:] != raw.shape:
-            raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
-                         f"(expected (findings, X, Y, Z))")
-        small = resample_mask(r, flip_z, (y0, x0, side), zpos, cfg.mask_size) > 0  # (F, n, m, m)
-        for f, code in entry["categories"].items():
-            if int(f) >= r.shape[0]:
-                raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
-                             f"{r.shape[0]} channel(s)")
-            bit = np.uint16(1 << ABNORMALITY_CODES.index(code))
-            np.bitwise_or(abnormal, bit, out=abnormal, where=small[int(f)])  # in place, no temporaries
-    depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
-    depth = np.stack([depth_mm, depth_mm / max(depth_mm[-1], 1e-6)], 1).astype(np.float32)  # (n, 2)
-    row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
-               mm_per_px=side * px_mm / cfg.size, labels=labels, has_anatomy=job["anat"] is not None,
-               has_abnormality=entry is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
-               src_shape=list(raw.shape), flip_z=bool(flip_z), z_direction=z_dir, box=[int(y0), int(x0), int(side)])
-    return dict(slices=slices, anatomy=np.ascontiguousarray(anatomy), abnormal=np.ascontiguousarray(abnormal),
-                depth=depth, row=row)
-
-
-# -----------------------------------------------------------------------------
 # 3. Writing in place: each volume goes straight into its rows of its split's arrays
 #
 # A volume's slice count follows from its header alone (slice_count), so before any voxel is
@@ -515,23 +571,6 @@ def process_volume(job, cfg):
 # comes after the data and appears atomically, so a marker means a complete slot: a re-run skips
 # those volumes and redoes the others (a half-written slot is simply written again). A volume
 # rejected on the way leaves its slot empty, a hole that assembly closes (section 4).
-
-SPLITS = ("train", "val", "test")
-ARRAYS = {"slices": ("slices.i16", np.int16), "anatomy": ("anatomy.u8", np.uint8),
-          "abnormal": ("abnormal.u16", np.uint16), "depth": ("depth.f32", np.float32)}
-
-
-def array_shapes(size, mask_size):
-    """Per-slice shape of each array of a split."""
-    return {"slices": (size, size), "anatomy": (mask_size, mask_size), "abnormal": (mask_size, mask_size),
-            "depth": (2,)}
-
-
-def slice_nbytes(cfg):
-    """Bytes of one slice in each array."""
-    shapes = array_shapes(cfg.size, cfg.mask_size)
-    return {k: int(np.prod(shapes[k])) * np.dtype(dt).itemsize for k, (_, dt) in ARRAYS.items()}
-
 
 def human(n):
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
@@ -584,9 +623,7 @@ def open_staging(stage, layout):
             if os.path.exists(staged_array(stage, split, k)):
                 os.remove(staged_array(stage, split, k))
     os.makedirs(os.path.join(stage, "done"))
-    with open(layout_path + ".tmp", "w") as f:
-        json.dump(layout, f)
-    os.replace(layout_path + ".tmp", layout_path)
+    atomic_write_text(layout_path, json.dumps(layout))
 
 
 def create_staged_arrays(stage, layout, cfg):
@@ -626,10 +663,8 @@ def work(args):
     except Exception as e:  # one odd file must not stop a 50,000-volume run: reject it, say what happened
         return job["name"], job["path"], f"unexpected {type(e).__name__} while preparing it: {e}"
     write_slot(stage, job, out)
-    marker = done_path(stage, job["name"])
-    with open(marker + ".tmp", "w") as f:
-        json.dump(out["row"], f)
-    os.replace(marker + ".tmp", marker)  # after the data, atomic: a marker always means a whole slot
+    # after the data, atomic: a marker always means a whole slot
+    atomic_write_text(done_path(stage, job["name"]), json.dumps(out["row"]))
     return job["name"], job["path"], None
 
 
@@ -638,7 +673,7 @@ def work(args):
 
 def link_or_copy(src, dst):
     """dst names the same bytes as src: a hard link (no copy, no disk), or a copy where the file
-    system has none. The staged file is never written again, so sharing its bytes is safe."""
+    system has none. The staged file is never written again, so linking it is safe."""
     try:
         os.link(src, dst)
     except OSError:
@@ -689,10 +724,8 @@ def assemble(cfg, stage, layout, rows, params):
     manifest = dict(format="dale-ct-prepared", **params, labels=LABELS,
                     abnormality_codes=ABNORMALITY_CODES, n_anatomy=N_ANATOMY, splits=counts,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    tmp = os.path.join(cfg.out, "manifest.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(cfg.out, "manifest.json"))  # last, atomic: now it is a dataset
+    # last, atomic: now it is a dataset
+    atomic_write_text(os.path.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -703,15 +736,9 @@ def write_rejects(cfg, rejects):
         w.writerows(sorted(rejects))
 
 
-def prepare(cfg, progress=True):
-    """The whole stage. Returns the manifest (dict)."""
-    from tqdm import tqdm
-    if cfg.hu not in ("auto", "header", "csv"):
-        raise SystemExit(f"--hu={cfg.hu}: use auto, header or csv")
-    params = dict(src=os.path.abspath(cfg.src), z_mm=cfg.z_mm, size=cfg.size, mask_size=cfg.mask_size,
-                  hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
-                  seed=cfg.seed, version=FORMAT_VERSION)
-    os.makedirs(cfg.out, exist_ok=True)
+def check_settings(cfg, params):
+    """Refuse to mix settings: OUT must be empty, hold the same finished dataset (returned), or an
+    interrupted run with the same settings (None: go on)."""
     manifest_path = os.path.join(cfg.out, "manifest.json")
     if os.path.exists(manifest_path):
         with open(manifest_path) as f:
@@ -730,9 +757,23 @@ def prepare(cfg, progress=True):
                 raise SystemExit(f"{stage} holds an interrupted run with other settings; rerun with those "
                                  f"settings to finish it, or delete {stage}")
     else:
-        with open(params_path, "w") as f:
-            json.dump(params, f)
+        atomic_write_text(params_path, json.dumps(params))
+    return None
 
+
+def prepare(cfg, progress=True):
+    """The whole stage. Returns the manifest (dict)."""
+    from tqdm import tqdm
+    if cfg.hu not in HU_SOURCES:  # a Config made in code has not passed the command line's checks
+        raise SystemExit(f"--hu={cfg.hu}: use auto, header or csv")
+    params = dict(src=os.path.abspath(cfg.src), z_mm=cfg.z_mm, size=cfg.size, mask_size=cfg.mask_size,
+                  hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
+                  seed=cfg.seed, version=FORMAT_VERSION)
+    os.makedirs(cfg.out, exist_ok=True)
+    finished = check_settings(cfg, params)
+    if finished:
+        return finished
+    stage = os.path.join(cfg.out, ".staging")
     jobs, rejects = discover(cfg)
     assign_splits(jobs, cfg)
     layout = plan_slots(jobs, cfg)
@@ -767,7 +808,8 @@ def prepare(cfg, progress=True):
             bar.update()
             if reason:
                 rejects.append((name, path, reason))
-                tqdm.write(f"rejected {name}: {reason}") if progress else None
+                if progress:
+                    tqdm.write(f"rejected {name}: {reason}")
                 if cfg.strict:
                     raise SystemExit(f"rejected {name}: {reason} (--strict)")
     finally:
@@ -789,61 +831,9 @@ def prepare(cfg, progress=True):
     return manifest
 
 
-# -----------------------------------------------------------------------------
-# 5. The reader: what train.py and probe.py use
-
-class PreparedError(Exception):
-    """A prepared folder that cannot be read; the message says why and what to do."""
-
-
-class PreparedSplit:
-    """One split of a prepared folder, memory-mapped: nothing is loaded until indexed."""
-
-    def __init__(self, root, split):
-        path = os.path.join(root, "manifest.json")
-        if not os.path.exists(path):
-            raise PreparedError(f"{root}: no manifest.json, so not a finished prepared dataset "
-                                f"(run `python prepare.py --out={root}`, or let an interrupted run finish)")
-        with open(path) as f:
-            self.manifest = manifest = json.load(f)
-        if manifest.get("format") != "dale-ct-prepared" or manifest.get("version") != FORMAT_VERSION:
-            raise PreparedError(f"{path}: format {manifest.get('format')} v{manifest.get('version')}, this code "
-                                f"reads dale-ct-prepared v{FORMAT_VERSION}; prepare the data again")
-        if split not in manifest["splits"]:
-            raise PreparedError(f"{root}: no split {split!r}; it has {list(manifest['splits'])}")
-        d = os.path.join(root, split)
-        with open(os.path.join(d, "volumes.json")) as f:
-            rows = json.load(f)
-        self.split, self.rows = split, rows
-        S, size, m = manifest["splits"][split]["slices"], manifest["size"], manifest["mask_size"]
-        shapes = array_shapes(size, m)
-        for k, (fn, dt) in ARRAYS.items():
-            setattr(self, k, np.memmap(os.path.join(d, fn), dt, "r", shape=(max(S, 1), *shapes[k]))[:S])
-        self.depth_mm, self.depth_pos = self.depth[:, 0], self.depth[:, 1]
-        self.names = [r["name"] for r in rows]
-        self.patients = [r["patient"] for r in rows]
-        self.start = np.array([r["start"] for r in rows], np.int64)
-        self.count = np.array([r["count"] for r in rows], np.int64)
-        self.z_mm = np.array([r["z_mm"] for r in rows], np.float32)
-        self.mm_per_px = np.array([r["mm_per_px"] for r in rows], np.float32)
-        self.labels = np.array([r["labels"] for r in rows], np.float32).reshape(len(rows), len(LABELS))
-        self.has_anatomy = np.array([r["has_anatomy"] for r in rows], bool)
-        self.has_abnormality = np.array([r["has_abnormality"] for r in rows], bool)
-
-    def __len__(self):
-        return len(self.rows)
-
-    def volume(self, i):
-        return slice(int(self.start[i]), int(self.start[i] + self.count[i]))
-
-
-def open_split(root, split):
-    return PreparedSplit(root, split)
-
-
 def main(argv):
-    cfg = parse_args(argv)
-    print("config: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+    cfg = parse_config(Config, argv, "prepare.py")
+    print(describe(cfg))
     t0 = time.time()
     prepare(cfg, progress=sys.stderr.isatty())
     print(f"done in {time.time() - t0:.1f} s")

@@ -1,13 +1,13 @@
 """
 Frozen-backbone evaluation: how much of the 18 CT-RATE abnormalities a checkpoint's features
-already know (DESIGN.md section 7). Every slice goes through the frozen ViT once; a volume becomes
+already know (RECIPE.md section 7). Every slice goes through the frozen ViT once; a volume becomes
 a bag of CLS vectors; a multiple-instance linear probe (pool the bag, then Linear(d, 18)) is trained
 on `train`, selected on `val` (held-out train patients) and scored once on `test` (CT-RATE valid).
 Headline: macro AUROC (DALE-CT-2S, ViT-L: 0.833). Also: how linearly slice depth reads out (R^2).
 
     python probe.py --ckpt=out/phantom/ckpt.pt --img_size=64 --steps=600   # the phantom demo
     python probe.py --random_init --img_size=64 --steps=600                 # the floor pretraining must beat
-    python probe.py --ckpt=out/dale_ct_2s/ckpt.pt --data=/data/dalect_512   # DESIGN.md 7 at full scale
+    python probe.py --ckpt=out/dale_ct_2s/ckpt.pt --data=/data/dalect_512   # RECIPE.md 7 at full scale
     python probe.py --bench                                                 # slices/s, grid vs one probe
 
 Outputs OUT/results.json and OUT/results.md: config, checkpoint identity, data manifest, per-seed
@@ -50,9 +50,9 @@ class ProbeConfig:
     out: str = "out/probe"         # results.json and results.md go here
     device: str = "auto"           # auto = cuda when available, else cpu
     # features (cached under DATA/features/, keyed by checkpoint, img_size and data)
-    img_size: int = 256            # slices resized to this for the backbone (DESIGN.md 7: 256 px)
+    img_size: int = 256            # slices resized to this for the backbone (RECIPE.md 7: 256 px)
     feat_batch: int = 64           # slices per forward pass
-    # MIL linear probe (DESIGN.md 7): the whole grid trains at once, on the same minibatches
+    # MIL linear probe (RECIPE.md 7): the whole grid trains at once, on the same minibatches
     poolings: tuple = ("avg", "max", "attn")  # bag poolings; attn = one learned query, softmax over slices
     lrs: tuple = (0.1, 0.03, 0.01, 0.003)      # peak SGD learning rates, cosine-decayed to 0
     steps: int = 20000             # SGD steps (16 volumes each); the phantom demo needs far fewer

@@ -15,13 +15,23 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from multiprocessing import get_context
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import prepare  # noqa: E402
+from common import at_least, parse_config, setting  # noqa: E402
 from phantom import write_phantom  # noqa: E402
+
+
+@dataclass
+class Bench:
+    volumes: int = setting(200, at_least(1))   # about this many phantom volumes (~1.3 per patient)
+    size: int = setting(128, at_least(16))     # the phantom's in-plane pixels
+    slices: int = setting(96, at_least(4))     # the phantom's typical slice count
+    out_size: int = setting(256, at_least(16))  # prepare.py --size
 
 
 def load(path):
@@ -49,29 +59,24 @@ def files_read(src):
 
 
 def main(argv):
-    opts = dict(volumes=200, size=128, slices=96, out_size=256)
-    for a in argv:
-        k, _, v = a.lstrip("-").partition("=")
-        if k not in opts:
-            sys.exit(f"unknown argument {a}; known: {list(opts)}")
-        opts[k] = int(v)
+    opts = parse_config(Bench, argv, "prepare_speed.py")
     tmp = tempfile.mkdtemp(prefix="prepare_speed_")
     try:
         src = os.path.join(tmp, "src")
-        n_pat = max(2, int(opts["volumes"] / 1.3))
+        n_pat = max(2, int(opts.volumes / 1.3))
         write_phantom(src, train_patients=n_pat * 4 // 5, valid_patients=n_pat - n_pat * 4 // 5,
-                      size=opts["size"], slices=opts["slices"], seed=0, workers=2)
+                      size=opts.size, slices=opts.slices, seed=0, workers=2)
         files = files_read(src)
         n_vol = sum(1 for f in files if "ts_seg" not in f and "rexgroundingct" not in f)
         print(f"{n_vol} volumes, {len(files)} NIfTI files, {sum(map(os.path.getsize, files)) / 2**20:.1f} MiB "
-              f"compressed; in-plane {opts['size']} px, ~{opts['slices']} slices; output size {opts['out_size']}")
+              f"compressed; in-plane {opts.size} px, ~{opts.slices} slices; output size {opts.out_size}")
         print(f"{'workers':>7} {'bare load s':>12} {'gunzip s':>9} {'prepare s':>10} {'vol/s':>7} {'ratio':>6} "
               f"{'vs gunzip':>9}")
         for workers in (1, 2):
             t_load = timed(load, files, workers)
             t_gunzip = timed(gunzip, files, workers)
             out = os.path.join(tmp, f"out{workers}")
-            cfg = prepare.Config(src=src, out=out, z_mm=1.0, size=opts["out_size"], workers=workers)
+            cfg = prepare.Config(src=src, out=out, z_mm=1.0, size=opts.out_size, workers=workers)
             t0 = time.perf_counter()
             prepare.prepare(cfg, progress=False)
             t_prep = time.perf_counter() - t0

@@ -352,7 +352,7 @@ def sigreg_autograd(z, A, knots=17, t_max=3.0):
 # Peak rates for the cost bound: NVIDIA H100/H200 datasheets; 128 fp32, 16 sin/cos per SM and clock (CUDA C++
 # Programming Guide, compute capability 9.0). Tensor FLOP/s from common.PEAK_BF16 where it has the card.
 PEAKS = {  # name fragment: (bf16 tensor FLOP/s, fp32 instr/s, sin+cos/s, HBM bytes/s), at the boost clock
-    "H100 PCIe": (756e12, 114 * 128 * 1.755e9, 114 * 16 * 1.755e9, 2.0e12),
+    "H100 PCIe": (PEAK_BF16["H100 PCIe"], 114 * 128 * 1.755e9, 114 * 16 * 1.755e9, 2.0e12),
     "H100": (PEAK_BF16["H100"], 132 * 128 * 1.98e9, 132 * 16 * 1.98e9, 3.35e12),
     "H200": (PEAK_BF16["H200"], 132 * 128 * 1.98e9, 132 * 16 * 1.98e9, 4.8e12),
 }

@@ -1,4 +1,4 @@
-"""SIGReg and the LeJEPA loss (lejepa.py) against the formula of DESIGN.md 5 written out here in
+"""SIGReg and the LeJEPA loss (lejepa.py) against the formula of RECIPE.md 5 written out here in
 float64, its known values, float64 gradcheck, and two real processes for the DDP rule."""
 import math
 import subprocess
@@ -16,7 +16,7 @@ from lejepa import lejepa_loss, sigreg, sigreg_directions, sigreg_torch  # noqa:
 
 
 def formula_f64(z, A, knots=17, t_max=3.0):
-    """DESIGN.md 5 spelled out, knot by knot, in float64: independent of lejepa.py's helpers."""
+    """RECIPE.md 5 spelled out, knot by knot, in float64: independent of lejepa.py's helpers."""
     z, A = z.double(), A.double()
     dt = t_max / (knots - 1)
     per_view = []
@@ -60,7 +60,7 @@ def test_gaussian_and_collapsed_values():
     w[0] = w[-1] = 3 / 16
     W, phi = w * torch.exp(-t ** 2 / 2), torch.exp(-t ** 2 / 2)
     gauss, collapse = (W * (1 - phi ** 2)).sum().item(), (W * (1 - phi) ** 2).sum().item()
-    assert gauss == pytest.approx(1.0525, abs=5e-5) and collapse == pytest.approx(0.4020, abs=5e-5)  # DESIGN.md
+    assert gauss == pytest.approx(1.0525, abs=5e-5) and collapse == pytest.approx(0.4020, abs=5e-5)  # RECIPE.md
     # z = 0: every c is exactly 1, so the value is exactly N * sum W (1 - phi)^2
     assert sigreg(torch.zeros(100, 16), step=0, fused=False).item() == pytest.approx(100 * collapse, rel=1e-5)
     # Gaussian z: E[N (c - phi)^2 + N s^2] = Var cos + Var sin = 1 - phi^2 for any N, so the

@@ -4,24 +4,24 @@ import csv
 import gzip
 import json
 import struct
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import phantom  # noqa: E402
+import phantom
+from common import parse_config
+from conftest import PHANTOMS
 
-SMALL = dict(train_patients=6, valid_patients=4, size=32, slices=12, seed=0, rex_frac=0.5)
+TINY = PHANTOMS["tiny"]  # what datasets.phantom("tiny") was written with (one worker)
 
 
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom") / "ph"
-    summary = phantom.write_phantom(str(out), **SMALL)
-    return out, summary
+@pytest.fixture
+def ds(datasets):
+    """The tiny phantom (read-only: a test that changes it copies it first) and its phantom.json summary."""
+    out = datasets.phantom("tiny")
+    return out, json.loads((out / "phantom.json").read_text())["summary"]
 
 
 def read_csv(path):
@@ -33,7 +33,8 @@ def volumes(out):
     """{VolumeName: (split, metadata row, labels)} from the CSVs."""
     vols = {}
     for split, meta, lab in (("train", "train", "train"), ("valid", "validation", "valid")):
-        labels = {r["VolumeName"]: r for r in read_csv(out / "multi_abnormality_labels" / f"{lab}_predicted_labels.csv")}
+        label_csv = out / "multi_abnormality_labels" / f"{lab}_predicted_labels.csv"
+        labels = {r["VolumeName"]: r for r in read_csv(label_csv)}
         for row in read_csv(out / "metadata" / f"{meta}_metadata.csv"):
             vols[row["VolumeName"]] = (split, row, [int(labels[row["VolumeName"]][k]) for k in phantom.LABELS])
     return vols
@@ -57,24 +58,35 @@ def all_files(root):
     return sorted(p.relative_to(root) for p in Path(root).rglob("*") if p.is_file())
 
 
-def test_parse_args():
-    cfg = phantom.parse_args(["--size=48", "--rex_frac=0.3", "--out=x"])
+def test_settings():
+    cfg = parse_config(phantom.PhantomConfig, ["--size=48", "--rex_frac=0.3", "--out=x"], "phantom.py")
     assert (cfg.size, cfg.rex_frac, cfg.out, cfg.seed) == (48, 0.3, "x", 0)
-    for bad in (["--sise=48"], ["--size"], ["size=48"], ["--size=big"]):
-        with pytest.raises(SystemExit):
-            phantom.parse_args(bad)
+    with pytest.raises(ValueError, match="size"):   # write_phantom checks its settings as the command line does
+        phantom.write_phantom("/nonexistent/phantom", size=8)
+
+
+@pytest.mark.parametrize("bad", ["--sise=48", "--size", "size=48", "--size=big", "--size=8", "--slices=3",
+                                 "--train_patients=0", "--valid_patients=0", "--rex_frac=1.5", "--rex_frac=-0.1",
+                                 "--workers=0", "--out="])
+def test_bad_flags_are_refused_in_one_line(bad, tmp_path):
+    out = tmp_path / "ph"
+    with pytest.raises(SystemExit) as e:
+        phantom.main([f"--out={out}", bad])
+    message = str(e.value.code)
+    assert "\n" not in message and bad.lstrip("-").split("=")[0] in message, message
+    assert not out.exists()
 
 
 def test_deterministic_and_worker_independent(ds, tmp_path):
     out, _ = ds
     again = tmp_path / "again"
-    phantom.write_phantom(str(again), **SMALL, workers=2)
+    phantom.write_phantom(str(again), **TINY, workers=2)
     files = all_files(out)
     assert files == all_files(again)
     for f in files:   # gzip is written without a timestamp: byte-identical
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
     other = tmp_path / "other"
-    phantom.write_phantom(str(other), **{**SMALL, "seed": 1})
+    phantom.write_phantom(str(other), **{**TINY, "seed": 1}, workers=1)
     assert (out / "metadata/train_metadata.csv").read_bytes() != (other / "metadata/train_metadata.csv").read_bytes()
     a = np.asarray(nib.load(image_path(out, "train_1_a_1.nii.gz")).dataobj.get_unscaled())
     b = np.asarray(nib.load(image_path(other, "train_1_a_1.nii.gz")).dataobj.get_unscaled())
@@ -166,7 +178,7 @@ def test_finding_masks(ds):
     assert set(rex) == {"train", "valid"}
     for split in ("train", "valid"):
         n = sum(s == split for s, _, _ in vols.values())
-        assert len(rex[split]) == max(1, round(SMALL["rex_frac"] * n))
+        assert len(rex[split]) == max(1, round(TINY["rex_frac"] * n))
     label_of = {}
     for k, c in phantom.CATEGORY.items():
         label_of.setdefault(c, []).append(phantom.LABELS.index(k))
@@ -193,7 +205,7 @@ def test_finding_masks(ds):
 
 
 def test_prevalence_of_default_set():
-    plan = phantom.plan_volumes()   # the default, without drawing a voxel
+    plan = phantom.plan_volumes(phantom.PhantomConfig())   # the default, without drawing a voxel
     labels = np.array([v["labels"] for v in plan])
     assert 250 <= len(plan) <= 350
     prevalence = labels.mean(0)
@@ -207,7 +219,7 @@ def test_prevalence_of_default_set():
 
 def test_labels_match_drawing():
     """Each positive label changes the picture, inside its own mask; a negative one draws nothing."""
-    plan = phantom.plan_volumes(12, 1, size=32, slices=12, seed=3)
+    plan = phantom.plan_volumes(phantom.PhantomConfig(train_patients=12, valid_patients=1, size=32, slices=12, seed=3))
     checked = set()
     for v in plan[:12]:
         hu, _, findings = phantom.render(v)
@@ -222,7 +234,7 @@ def test_labels_match_drawing():
             checked.add(name)
     assert len(checked) >= 8
     ratio = {True: [], False: []}   # heart width / chest width
-    for v in phantom.plan_volumes(40, 1, seed=3):
+    for v in phantom.plan_volumes(phantom.PhantomConfig(train_patients=40, valid_patients=1, seed=3)):
         ratio[bool(v["labels"][phantom.LABELS.index("Cardiomegaly")])].append(v["chest"]["hax"] / v["chest"]["Ac"])
     assert ratio[True] and min(ratio[True]) > 0.5 > max(ratio[False])
 
@@ -230,5 +242,5 @@ def test_labels_match_drawing():
 def test_refuses_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        phantom.write_phantom(str(tmp_path), **SMALL)
+        phantom.write_phantom(str(tmp_path), **TINY, workers=1)
     assert (tmp_path / "notes.txt").exists()

@@ -11,10 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import prepare
-from phantom import write_phantom
+from common import parse_config
 from prepare import LABELS, Config, open_split, PreparedError
-
-SMALL = dict(train_patients=8, valid_patients=3, size=48, slices=16, seed=3, rex_frac=0.3, workers=1)
 
 
 def cfg_for(src, out, **kw):
@@ -22,17 +20,18 @@ def cfg_for(src, out, **kw):
                   mask_size=kw.pop("mask_size", 20), workers=kw.pop("workers", 1), **kw)
 
 
-@pytest.fixture(scope="session")
-def phantom_src(tmp_path_factory):
-    src = tmp_path_factory.mktemp("phantom")
-    write_phantom(str(src), **SMALL)
-    return src
+@pytest.fixture
+def phantom_src(datasets):
+    """The small phantom (read-only: a test that changes it copies it first)."""
+    return datasets.phantom("small")
 
 
 @pytest.fixture(scope="session")
-def prepared(phantom_src, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare.prepare(cfg_for(phantom_src, out), progress=False)
+def prepared(datasets, tmp_path_factory):
+    """The small phantom prepared with cfg_for's settings, once (conftest's datasets.prepared("small")
+    uses the default settings instead)."""
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare.prepare(cfg_for(datasets.phantom("small"), out), progress=False)
     return out
 
 
@@ -51,8 +50,9 @@ def image_path(src, name):
 
 
 def test_hu_values_match_nibabel_and_csv(phantom_src, prepared):
-    """Rebuild a few prepared slices straight from nibabel + the CSV and compare."""
-    checked = set()
+    """Rebuild every prepared volume straight from nibabel + the CSV (in-plane resize, then linear
+    interpolation in z between slice centres) and compare."""
+    checked, compared = set(), 0
     for split in ("train", "test"):
         ds = open_split(prepared, split)
         meta = read_csv(os.path.join(phantom_src, "metadata",
@@ -73,17 +73,24 @@ def test_hu_values_match_nibabel_and_csv(phantom_src, prepared):
             pad = np.full((vol.shape[0], side, side), -1024.0, np.float32)
             ys, xs = slice(max(y0, 0), min(y0 + side, vol.shape[1])), slice(max(x0, 0), min(x0 + side, vol.shape[2]))
             pad[:, ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0] = vol[:, ys, xs]
-            src_z = row["src_spacing"][1]
-            if abs(src_z - ds.manifest["z_mm"]) > 1e-6:
-                continue  # exact comparison only where z is not interpolated
-            ref = F.interpolate(torch.from_numpy(pad)[:, None], size=(ds.manifest["size"],) * 2, mode="bilinear",
-                                antialias=True, align_corners=False)[:, 0].round()
+            x = F.interpolate(torch.from_numpy(pad)[:, None], size=(ds.manifest["size"],) * 2, mode="bilinear",
+                              antialias=True, align_corners=False)[:, 0]
+            depth, src_z, z_mm = vol.shape[0], row["src_spacing"][1], ds.manifest["z_mm"]
+            n = max(1, round(depth * src_z / z_mm))
+            assert ds.count[i] == n, row["name"]
+            zpos = np.clip((np.arange(n) + 0.5) * z_mm / src_z - 0.5, 0, depth - 1)  # slice centres aligned
+            i0 = np.floor(zpos).astype(np.int64)
+            w = torch.from_numpy((zpos - i0).astype(np.float32))[:, None, None]
+            below, above = x[torch.from_numpy(i0)], x[torch.from_numpy(np.minimum(i0 + 1, depth - 1))]
+            ref = (below + w * (above - below)).round()
             got = torch.from_numpy(ds.slices[ds.volume(i)].astype(np.float32))
             assert got.shape == ref.shape
             assert (got - ref).abs().max() <= 1.0, row["name"]
+            compared += 1
             # air outside the body (image corners) near -1000 HU
             assert abs(float(np.median(ds.slices[ds.volume(i)][:, :2, :2])) + 1000) < 60
     assert checked == {True, False}, "phantom should exercise both HU paths"
+    assert compared == sum(len(open_split(prepared, s)) for s in ("train", "test"))
 
 
 def test_labels_match_csv(phantom_src, prepared):
@@ -456,3 +463,27 @@ def test_unreadable_file_and_worker_errors_become_rejects(phantom_src, tmp_path,
         rejects = {r["name"]: r["reason"] for r in csv.DictReader(f)}
     assert "truncated or corrupt" in rejects[names[0]]
     assert "unexpected IndexError" in rejects[names[1]] and set(rejects) == {names[0], names[1]}
+
+
+# -----------------------------------------------------------------------------
+# Settings: every bad value is refused in one line that names the flag, before anything is written
+
+@pytest.mark.parametrize("bad", ["--size=abc", "--size=0", "--size=-64", "--size=15", "--z_mm=-1", "--z_mm=0",
+                                 "--z_mm=nan", "--val_patients=-5", "--mask_size=0", "--strict=maybe",
+                                 "--keep_staging=2", "--hu=guess", "--workers=0", "--seed=-1", "--out=", "--sise=64"])
+def test_bad_flags_are_refused_in_one_line(bad, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f"--src={tmp_path / 'src'}", f"--out={out}", bad])
+    message = str(e.value.code)
+    assert "\n" not in message and bad.split("=")[0] in message, message
+    assert not out.exists()
+
+
+def test_settings_spellings(tmp_path):
+    cfg = parse_config(Config, ["--keep-staging", "--strict", "--z_mm=2.5", "--size=64"], "prepare.py")
+    assert (cfg.keep_staging, cfg.strict, cfg.z_mm, cfg.size) == (True, True, 2.5, 64)
+    cfg = parse_config(Config, ["--keep-staging=false", "--strict=no"], "prepare.py")
+    assert (cfg.keep_staging, cfg.strict) == (False, False)
+    with pytest.raises(SystemExit, match="--out=.*source folder"):  # a cross-setting check: out must not be src
+        prepare.main([f"--src={tmp_path}", f"--out={tmp_path}"])
