@@ -325,7 +325,7 @@ def _main_worker(rank, world, port, argv):
 def test_torchrun_style_main_equals_one_process(prepared, tmp_path, ls_init, aux, atol):
     """main() under 2 gloo ranks with 2 accumulation micro-steps (DDP no_sync path) == one process
     with the same micro-batch size and 2x the accumulation: same slabs, same SIGReg batches.
-    At DESIGN's LayerScale 1e-5 and aux 0.1 the weights agree to 1.4e-7 after 2 steps; at LayerScale
+    At the recipe's LayerScale 1e-5 and aux 0.1 the weights agree to 1.4e-7 after 2 steps; at LayerScale
     0.1 (the demo preset's) and aux 1.0 (its former weight, now 0.3) the blocks are active from
     step 1 and the worst weight differs by 1.6e-6
     (measured), reduction-order rounding spread over every block; a reduction that skipped a
