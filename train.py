@@ -1,11 +1,10 @@
 """
 train.py: depth-aware LeJEPA pretraining of a ViT on chest-CT slabs (DALE-CT, arXiv 2606.07775).
 
-A sample is a slab: the slices of one volume within +-6 mm of a centre slice. Two global views
-come from the centre slice and eight local views from slab slices drawn independently, so the
-invariance term ties neighbouring slices to the centre one (RECIPE.md 3). The loss is LeJEPA
-(invariance + SIGReg, RECIPE.md 5) plus, for variants 1S/2S, dense auxiliary heads that predict
-the anatomy / abnormality fractions of each crop and each 16x16 patch (RECIPE.md 4).
+A sample is a slab: the slices of one volume within +-6 mm of a centre slice. Two global views come
+from the centre slice and eight local views from slab slices drawn independently, so the invariance
+term ties neighbouring slices to the centre one (RECIPE.md 3). The loss is LeJEPA (RECIPE.md 5) plus,
+for 1S/2S, dense heads that predict the anatomy / abnormality fractions of each crop and patch (RECIPE.md 4).
 
     python train.py --config=phantom                                  # the CPU demo preset
     python train.py --config=phantom --max_steps=50 --variant=1s      # presets + overrides
@@ -37,7 +36,7 @@ import lejepa
 import prepare
 from common import (ABNORMALITY_CODES, FRACTION, N_ANATOMY, NONNEG, POSITIVE, Check, StepLog, at_least,
                     atomic_torch_save, atomic_write_text, describe, one_of, parse_config, setting,
-                    setup_distributed, world_size)
+                    setup_distributed, world_size, fused_sigreg_ok)
 from lejepa import lejepa_loss
 from model import PATCH, VIT_SIZES, DenseHeads, Projector, build_vit, vit_flops_per_image
 
@@ -127,8 +126,7 @@ class Config:
 
 
 def parse_args(argv):
-    """--config=NAME loads config/NAME.json over the defaults, then --key=value overrides apply.
-    A bare --flag means true for a bool setting, and --resume alone means --resume=auto."""
+    """Defaults, then --config=NAME (config/NAME.json), then --key=value; a bare --resume means auto."""
     cfg = parse_config(Config, argv, "train.py", bare={"resume": "auto"}, presets=True)
     cfg.variant = cfg.variant.lower()
     return cfg
@@ -204,8 +202,8 @@ def gather(ds, plan):
 
 
 def loader(ds, cfg, start_step, rank, world, accum, pin=False):
-    """Micro-batches in training order from start_step on; the next data_workers ones are gathered
-    in threads while the device works on this one (memmap reads and numpy copies release the GIL)."""
+    """Micro-batches in training order from start_step on, data_workers of them gathered ahead in threads
+    (memmap reads and numpy copies release the GIL)."""
     def load(step, micro):
         b = gather(ds, plan_slabs(ds, cfg, step, slots_for(step, rank, micro, cfg, world)))
         return {k: v.pin_memory() for k, v in b.items()} if pin else b  # pinned: async host-to-device copies
@@ -238,9 +236,8 @@ def boxes_to_theta(scale, centre, flip):
 
 
 def mask_centres(abnormal, anatomy, pick):
-    """A random foreground pixel's centre per row, abnormality mask first, else anatomy.
-    (N, m, m) x2, (N,) in [0,1) -> centre (N, 2) in [0,1] (x, y), found (N,) bool. The k-th
-    foreground pixel with k = floor(pick * count) is found by a cumsum + searchsorted."""
+    """The centre (N, 2) in [0,1] (x, y) of the k-th foreground pixel per row, k = floor(pick * count),
+    abnormality mask first, else anatomy (a cumsum + searchsorted), and whether there was one (N,)."""
     m = anatomy.shape[-1]
     fg_abn, fg_anat = abnormal != 0, anatomy != 0  # (N, m, m)
     fg = torch.where(fg_abn.flatten(1).any(1)[:, None], fg_abn.flatten(1), fg_anat.flatten(1))  # (N, m*m)
@@ -253,9 +250,8 @@ def mask_centres(abnormal, anatomy, pick):
 
 
 def crop_resize(hu, theta, size, max_scale):
-    """Crop + resize HU slices: (N, S, S) -> (N, 1, size, size). Bilinear sampling at `ss` points per
-    output pixel side, then averaged: a cheap antialias when a crop can be larger than the view
-    (a full 512 px slice into a 256 px global view: ss = 2)."""
+    """Crop + resize HU slices: (N, S, S) -> (N, 1, size, size). Bilinear at `ss` points per output pixel
+    side, averaged: a cheap antialias when a crop is larger than the view (512 px into 256 px: ss = 2)."""
     ss = max(1, math.ceil(max_scale * hu.shape[-1] / size - 1e-6))
     grid = F.affine_grid(theta, (len(hu), 1, size * ss, size * ss), align_corners=False)
     x = F.grid_sample(hu.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -263,10 +259,8 @@ def crop_resize(hu, theta, size, max_scale):
 
 
 def soft_targets(anatomy, abnormal, theta, size, r, families):
-    """Class fractions per crop (CLS) and per 16x16 patch, from the SAME crop boxes as the images.
-    Each patch is covered by an r x r grid of nearest-neighbour mask samples; fractions are sample
-    counts / r^2 (exact when samples fall on mask pixel centres, an r^2-point quadrature otherwise).
-    The CLS target is the mean over patches: every patch is the same area of the crop."""
+    """Class fractions per 16x16 patch (r x r nearest-neighbour mask samples each) and per crop (their
+    mean: every patch is the same area), from the SAME crop boxes as the images."""
     N, g = len(theta), size // PATCH  # g x g patches
     n = g * r  # sample points per side
     grid = F.affine_grid(theta, (N, 1, n, n), align_corners=False)
@@ -290,9 +284,8 @@ def soft_targets(anatomy, abnormal, theta, size, r, families):
 
 
 def intensity(hu, gamma, sigma):
-    """Gamma on [0,1]-scaled intensities, z-score normalisation, then a per-row 3x3 Gaussian blur.
-    Gamma acts on u = (clip(HU) - lo) / (hi - lo) with (lo, hi) = prepare.HU_CLIP, u -> u^gamma,
-    mapped back to HU. (N,1,H,W), (N,), (N,) -> (N,1,H,W); sigma 0 = no blur."""
+    """u -> u^gamma on u = clip(HU) scaled to [0,1] by prepare.HU_CLIP, back to HU, z-scored, then a
+    per-row 3x3 Gaussian blur. (N,1,H,W), (N,), (N,) -> (N,1,H,W); sigma 0 = no blur."""
     lo, hi = prepare.HU_CLIP
     u = ((hu - lo) / (hi - lo)).clamp(0, 1) ** gamma.view(-1, 1, 1, 1)
     x = prepare.normalize_hu(lo + u * (hi - lo))  # (N, 1, H, W)
@@ -366,8 +359,7 @@ class DaleCT(nn.Module):
 
 
 def anatomy_pos_weight(ds, cfg):
-    """Per-class BCE positive weight = 1 / pixel frequency, clipped to [1, anat_pos_weight_max],
-    measured once on pos_weight_slices training slices of volumes that have anatomy masks."""
+    """Per-class BCE positive weight: 1 / pixel frequency over pos_weight_slices training slices, clipped."""
     vols = np.flatnonzero(ds.has_anatomy)
     if len(vols) == 0:
         return torch.ones(N_ANATOMY)
@@ -401,9 +393,8 @@ def step_mask_counts(micro_views, cfg):
 
 
 def aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts=None, accum=1):
-    """RECIPE.md 4: aux = w * (0.5 * L_cls + 0.5 * L_patch), each the mean of the two families, BCE
-    with logits and pos_weight; a family counts only on samples that have its masks. Every view
-    weighs the same: per sample, the BCE is summed over views and divided by V."""
+    """aux = w * (0.5 * L_cls + 0.5 * L_patch), each the mean of the families' BCE (RECIPE.md 4); a family
+    counts only on samples with its masks; every view weighs the same (summed over views, divided by V)."""
     V, B = 2 + cfg.n_local, len(views["has_anatomy"])
     families = [("anat", views["has_anatomy"])] + ([("abn", views["has_abnormality"])] if cfg.variant == "2s" else [])
     parts = {}
@@ -423,8 +414,8 @@ def aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts=None, accum=1):
 
 
 def sigreg_statistics(raw, micro_views, cfg, step, autocast):
-    """SIGReg's cos/sin sums over every micro-batch of the step and every rank (no grad): with them,
-    each micro-step's SIGReg value and gradient are those of the whole global batch."""
+    """SIGReg's cos/sin sums over every micro-batch of the step and every rank (no grad), so that each
+    micro-step's SIGReg value and gradient are those of the whole global batch."""
     with torch.no_grad(), autocast:
         zs = [raw.embed(v["xg"], v["xl"]).float().view(2 + cfg.n_local, len(v["has_anatomy"]), -1)
               for v in micro_views]  # [(V, B, K)] per micro-batch
@@ -521,22 +512,6 @@ def load_checkpoint(path, raw, optimizer, cfg):
 
 # -----------------------------------------------------------------------------
 # Set-up and logging: what main() needs before its loop, and its log lines
-
-
-def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
-    """Use the Triton SIGReg only once it matches lejepa's PyTorch SIGReg on this GPU (kernels/sigreg.py's
-    own check at startup): a kernel or Triton-version problem then costs speed, never a wrong loss."""
-    try:
-        from kernels.sigreg import check
-        worst = check(device, log=lambda *a: None)
-    except Exception as e:  # triton missing, a compile error on this GPU, ...
-        log(f"fused SIGReg unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"using the PyTorch path")
-        return False
-    ok = all(worst.get(k, float("inf")) < v for k, v in tol.items())
-    log(f"fused SIGReg check: worst relative error {', '.join(f'{k[6:]} {v:.1e}' for k, v in worst.items())} -> "
-        + ("using the Triton kernel" if ok else "MISMATCH, using the PyTorch path (run python kernels/sigreg.py)"))
-    return ok
 
 
 def build(cfg, ds, device, ddp, world, accum, log):

@@ -485,14 +485,14 @@ def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
     import kernels.sigreg as ks
     lines = []
     monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 1e-3})
-    assert train.fused_sigreg_ok("cuda", lines.append)
+    assert common.fused_sigreg_ok("cuda", lines.append)
     monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 0.5})
-    assert not train.fused_sigreg_ok("cuda", lines.append) and "MISMATCH" in lines[-1]
+    assert not common.fused_sigreg_ok("cuda", lines.append) and "MISMATCH" in lines[-1]
 
     def broken(device, log=print):
         raise RuntimeError("PTX compile failed")
     monkeypatch.setattr(ks, "check", broken)
-    assert not train.fused_sigreg_ok("cuda", lines.append) and "PTX compile failed" in lines[-1]
+    assert not common.fused_sigreg_ok("cuda", lines.append) and "PTX compile failed" in lines[-1]
 
 
 def test_picture_shows_a_finding_when_there_is_one(prepared):
