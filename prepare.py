@@ -22,10 +22,8 @@ one is the most superior (lung apex end). The reader, `open_split(OUT, split)`, 
 Run:   python prepare.py --src=data/phantom --out=data/prepared
        python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
 
-Each volume is written straight into its rows of its split's arrays in OUT/.staging (its
-slice count is known from its header), then marked done, so a crash or Ctrl-C loses at most
-the volumes in flight: the same command continues. The arrays move into OUT/{split}/ and then
-the manifest is written only when every volume is done.
+A crash or Ctrl-C loses at most the volumes in flight: the same command continues, and the
+manifest is written only when every volume is done (section 3).
 """
 import csv
 import gzip
@@ -133,19 +131,19 @@ HU_SOURCES = ("auto", "header", "csv")
 
 @dataclass
 class Config:
-    src: str = setting("data/phantom", NONEMPTY)    # CT-RATE-shaped folder (the real one or phantom.py's)
-    out: str = setting("data/prepared", NONEMPTY)   # where the prepared dataset goes
-    z_mm: float = setting(1.0, POSITIVE)    # slice spacing after resampling; DALE-CT uses 1 mm (RECIPE.md 2)
-    size: int = setting(256, at_least(16))  # stored in-plane pixels a side, at least one 16 px patch (RECIPE.md 4)
-    mask_size: int = setting(128, at_least(1))   # stored mask pixels a side; DALE-CT keeps 128 (RECIPE.md 2)
-    rex: str = ""                           # ReXGroundingCT folder (dataset.json + segmentations/); "" = SRC/rexgroundingct
-    val_patients: int = setting(1000, NONNEG)    # train patients held out as `val`; DALE-CT holds out 1,000
-                                                 # (RECIPE.md 2), capped at a fifth of the train patients
-    seed: int = setting(0, NONNEG)          # seed of the patient split
-    hu: str = setting("auto", one_of(*HU_SOURCES))  # HU from: the header if it carries scaling, else the CSV
-    workers: int = setting(2, at_least(1))  # processes reading volumes
-    strict: bool = False                    # any rejected volume is fatal
-    keep_staging: bool = False              # keep OUT/.staging after success (debugging)
+    src: str = setting("data/phantom", NONEMPTY)   # CT-RATE-shaped folder (the real one or phantom.py's)
+    out: str = setting("data/prepared", NONEMPTY)  # where the prepared dataset goes
+    z_mm: float = setting(1.0, POSITIVE)     # slice spacing after resampling; DALE-CT uses 1 mm (RECIPE.md 2)
+    size: int = setting(256, at_least(16))   # stored in-plane pixels a side, at least one ViT patch (RECIPE.md 4)
+    mask_size: int = setting(128, at_least(1))  # stored mask pixels a side; DALE-CT keeps 128 (RECIPE.md 2)
+    rex: str = ""                            # ReXGroundingCT (dataset.json, segmentations/); "" = SRC/rexgroundingct
+    val_patients: int = setting(1000, NONNEG)   # train patients held out as `val`; DALE-CT holds out 1,000
+                                                # (RECIPE.md 2), capped at a fifth of the train patients
+    seed: int = setting(0, NONNEG)           # seed of the patient split
+    hu: str = setting("auto", one_of(*HU_SOURCES))  # HU scaling from: auto (the header if it has one, else the CSV)
+    workers: int = setting(2, at_least(1))   # processes reading volumes
+    strict: bool = False                     # any rejected volume is fatal
+    keep_staging: bool = False               # keep OUT/.staging after success (debugging)
 
     def problems(self):
         same = os.path.abspath(self.src) == os.path.abspath(self.out)
@@ -366,54 +364,6 @@ def resample_mask(arr, flip_z, box, zpos, size):
     return np.moveaxis(out, (0, 1, 2), (-3, -2, -1))  # (..., n, size, size)
 
 
-def read_label_row(job):
-    """The volume's 18 labels from its CSV row, each 0 or 1."""
-    labels = []
-    for c in LABELS:
-        v = job["labels"][c].strip()
-        if v not in ("0", "1", "0.0", "1.0"):
-            raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
-        labels.append(int(float(v)))
-    return labels
-
-
-def anatomy_mask(job, raw, flip_z, box, zpos, m):
-    """(n, m, m) uint8 TotalSegmentator labels on the slices' grid; zeros without a mask."""
-    if not job["anat"]:
-        return np.zeros((len(zpos), m, m), np.uint8)
-    _, a = load_nifti(job["anat"], "anatomy mask")
-    if a.shape != raw.shape:
-        raise Reject(f"{job['anat']}: anatomy mask shape {a.shape} does not match its image {raw.shape}; "
-                     f"regenerate the TotalSegmentator mask for this volume")
-    if a.min() < 0 or a.max() >= N_ANATOMY:
-        raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
-    return np.ascontiguousarray(resample_mask(a, flip_z, box, zpos, m).astype(np.uint8, copy=False))
-
-
-def abnormality_mask(job, raw, flip_z, box, zpos, m):
-    """(n, m, m) uint16: bit c set where a ReXGroundingCT finding of category c lies."""
-    abnormal = np.zeros((len(zpos), m, m), np.uint16)
-    entry = job["rex"]
-    if not (entry and entry.get("categories")):
-        return abnormal
-    if not os.path.exists(job["rex_path"]):
-        raise Reject(f"{job['rex_path']}: dataset.json lists findings for {job['name']} but the mask file is "
-                     f"missing; restore it or drop the entry")
-    _, r = load_nifti(job["rex_path"], "abnormality mask")
-    r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z)
-    if r.ndim != 4 or r.shape[1:] != raw.shape:
-        raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
-                     f"(expected (findings, X, Y, Z))")
-    small = resample_mask(r, flip_z, box, zpos, m) > 0  # (F, n, m, m)
-    for f, code in entry["categories"].items():
-        if int(f) >= r.shape[0]:
-            raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
-                         f"{r.shape[0]} channel(s)")
-        bit = np.uint16(1 << ABNORMALITY_CODES.index(code))
-        np.bitwise_or(abnormal, bit, out=abnormal, where=small[int(f)])  # in place, no temporaries
-    return np.ascontiguousarray(abnormal)
-
-
 def process_volume(job, cfg):
     """One CT-RATE volume -> dict of arrays and its table row. Raises Reject."""
     img, raw = load_nifti(job["path"], "image")
@@ -421,7 +371,12 @@ def process_volume(job, cfg):
         raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
     slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
     px_mm, z_src, flip_z, z_dir = geometry(img, job)
-    labels = read_label_row(job)
+    labels = []
+    for c in LABELS:
+        v = job["labels"][c].strip()
+        if v not in ("0", "1", "0.0", "1.0"):
+            raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
+        labels.append(int(float(v)))
     vol = orient(raw, flip_z)  # (D, Y, X), stored values
     try:
         box = body_box(vol, px_mm, (BODY_HU - inter) / slope)
@@ -430,16 +385,42 @@ def process_volume(job, cfg):
     y0, x0, side = box
     zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
     slices = resample_volume(crop_hu(vol, y0, x0, side, slope, inter), zpos, cfg.size)  # (n, size, size)
-    anatomy = anatomy_mask(job, raw, flip_z, box, zpos, cfg.mask_size)
-    abnormal = abnormality_mask(job, raw, flip_z, box, zpos, cfg.mask_size)
-    n = len(zpos)
+    n, m = len(zpos), cfg.mask_size
+    anatomy = np.zeros((n, m, m), np.uint8)
+    if job["anat"]:
+        _, a = load_nifti(job["anat"], "anatomy mask")
+        if a.shape != raw.shape:
+            raise Reject(f"{job['anat']}: anatomy mask shape {a.shape} does not match its image {raw.shape}; "
+                         f"regenerate the TotalSegmentator mask for this volume")
+        if a.min() < 0 or a.max() >= N_ANATOMY:
+            raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
+        anatomy = resample_mask(a, flip_z, box, zpos, m).astype(np.uint8, copy=False)
+    abnormal = np.zeros((n, m, m), np.uint16)  # bit c: a ReXGroundingCT finding of category c
+    entry = job["rex"]
+    if entry and entry.get("categories"):
+        if not os.path.exists(job["rex_path"]):
+            raise Reject(f"{job['rex_path']}: dataset.json lists findings for {job['name']} but the mask file is "
+                         f"missing; restore it or drop the entry")
+        _, r = load_nifti(job["rex_path"], "abnormality mask")
+        r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z)
+        if r.ndim != 4 or r.shape[1:] != raw.shape:
+            raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
+                         f"(expected (findings, X, Y, Z))")
+        small = resample_mask(r, flip_z, box, zpos, m) > 0  # (F, n, m, m)
+        for f, code in entry["categories"].items():
+            if int(f) >= r.shape[0]:
+                raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
+                             f"{r.shape[0]} channel(s)")
+            bit = np.uint16(1 << ABNORMALITY_CODES.index(code))
+            np.bitwise_or(abnormal, bit, out=abnormal, where=small[int(f)])  # in place, no temporaries
     depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
     depth = np.stack([depth_mm, depth_mm / max(depth_mm[-1], 1e-6)], 1).astype(np.float32)  # (n, 2)
     row = dict(name=job["name"], patient=job["patient"], split=job["split"], count=n, z_mm=cfg.z_mm,
                mm_per_px=side * px_mm / cfg.size, labels=labels, has_anatomy=job["anat"] is not None,
-               has_abnormality=job["rex"] is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
+               has_abnormality=entry is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
                src_shape=list(raw.shape), flip_z=bool(flip_z), z_direction=z_dir, box=[int(y0), int(x0), int(side)])
-    return dict(slices=slices, anatomy=anatomy, abnormal=abnormal, depth=depth, row=row)
+    return dict(slices=slices, anatomy=np.ascontiguousarray(anatomy), abnormal=np.ascontiguousarray(abnormal),
+                depth=depth, row=row)
 
 
 # -----------------------------------------------------------------------------
@@ -524,6 +505,7 @@ def discover(cfg):
                     found.setdefault(strip_ext(fn), []).append(os.path.join(root, fn))
         for name in sorted(found, key=natural_key):
             paths = found[name]
+            path = paths[0]
             m = NAME_RE.match(name)
             n_meta, n_labels = len(meta.get(name, [])), len(labels.get(name, []))
             reason = None
@@ -536,13 +518,13 @@ def discover(cfg):
             elif n_labels != 1:
                 reason = f"{n_labels} rows for it in {labels_csv} (need exactly one); add or deduplicate its row"
             if reason:
-                rejects.append((name, paths[0], reason))
+                rejects.append((name, path, reason))
                 continue
             # masks live under {split}_fixed/ whichever copy of the images is read (RECIPE.md 2)
-            anat = os.path.join(cfg.src, "ts_seg", "ts_total", f"{src_split}_fixed", os.path.relpath(paths[0], folder))
+            anat = os.path.join(cfg.src, "ts_seg", "ts_total", f"{src_split}_fixed", os.path.relpath(path, folder))
             entry = rex.get(name)
             rex_path = os.path.join(rex_dir, "segmentations", name + ".nii.gz") if entry else None
-            jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=paths[0],
+            jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=path,
                              meta=meta[name][0], labels=labels[name][0],
                              anat=anat if os.path.exists(anat) else None, rex=entry, rex_path=rex_path))
     if not jobs and not rejects:

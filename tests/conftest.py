@@ -1,5 +1,5 @@
 """Shared test set-up: the repository root on the path, phantom datasets built once per session,
-and the helpers more than one test file needs."""
+and the helpers more than one test file needs (written once, here)."""
 import os
 import socket
 import sys
@@ -21,7 +21,7 @@ PHANTOMS = {
     "probe": dict(train_patients=10, valid_patients=4, size=48, slices=16, seed=0),
 }
 PREPARED = {  # name: (phantom, prepare.py settings)
-    "small": ("small", dict()),
+    "small": ("small", dict(z_mm=4.0, size=40, mask_size=20)),
     "train": ("train", dict(z_mm=2.0, size=48, mask_size=24)),
     "probe": ("probe", dict(z_mm=4.0, size=32, mask_size=16)),
 }

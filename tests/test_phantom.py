@@ -19,9 +19,9 @@ TINY = PHANTOMS["tiny"]  # what datasets.phantom("tiny") was written with (one w
 
 @pytest.fixture
 def ds(datasets):
-    """The tiny phantom (read-only: a test that changes it copies it first) and its phantom.json summary."""
+    """The tiny phantom (read-only: a test that changes it copies it first) and its phantom.json."""
     out = datasets.phantom("tiny")
-    return out, json.loads((out / "phantom.json").read_text())["summary"]
+    return out, json.loads((out / "phantom.json").read_text())
 
 
 def read_csv(path):
@@ -94,7 +94,9 @@ def test_deterministic_and_worker_independent(ds, tmp_path):
 
 
 def test_layout(ds):
-    out, summary = ds
+    out, meta = ds
+    assert meta["config"] == TINY
+    summary = meta["summary"]
     vols = volumes(out)
     on_disk = {p.name for p in out.glob("*_fixed/*/*/*.nii.gz")}
     assert on_disk == set(vols)

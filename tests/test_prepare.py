@@ -181,7 +181,9 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     names = corrupt_copy(phantom_src, src)
     bad = {}
     # truncated .nii.gz
-    p = image_path(src, names[0]); blob = open(p, "rb").read(); open(p, "wb").write(blob[: len(blob) // 2])
+    p = image_path(src, names[0])
+    blob = open(p, "rb").read()
+    open(p, "wb").write(blob[: len(blob) // 2])
     bad[names[0]] = "truncated or corrupt"
     # non-3D array
     like = nib.load(image_path(src, names[1]))
@@ -189,7 +191,8 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     bad[names[1]] = "expected a 3-D"
     # NaN voxels
     like = nib.load(image_path(src, names[2]))
-    data = np.asanyarray(like.dataobj.get_unscaled()).astype(np.float32); data[0, 0, 0] = np.nan
+    data = np.asanyarray(like.dataobj.get_unscaled()).astype(np.float32)
+    data[0, 0, 0] = np.nan
     save_like(image_path(src, names[2]), data, like)
     bad[names[2]] = "NaN or inf"
     # constant volume
@@ -199,7 +202,7 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     # HU check: values already in HU but no header scaling -> the CSV intercept shifts air to -2024
     like = nib.load(image_path(src, names[4]))
     hu = like.get_fdata() - (0 if like.dataobj.inter == -1024 else 1024)
-    save_like(image_path(src, names[4]), hu.astype(np.int16), like)  # no header scaling: the CSV's -1024 is applied again
+    save_like(image_path(src, names[4]), hu.astype(np.int16), like)  # no header scaling: the CSV's -1024 again
     bad[names[4]] = "HU check failed"
     # mask whose shape does not match its image
     anat = os.path.join(src, "ts_seg", "ts_total", os.path.relpath(image_path(src, names[5]), src))
@@ -215,7 +218,8 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     bad[names[7]] = "0 rows for it in multi_abnormality_labels"
     # duplicate name: the same file in a second folder
     dup = os.path.join(src, "train_fixed", "extra", os.path.basename(image_path(src, names[8])))
-    os.makedirs(os.path.dirname(dup)); shutil.copy(image_path(src, names[8]), dup)
+    os.makedirs(os.path.dirname(dup))
+    shutil.copy(image_path(src, names[8]), dup)
     bad[names[8]] = "duplicate volume name"
     # header spacing (a _fixed file) disagrees with the CSV
     fixed = next(n for n in names[9:] if nib.load(image_path(src, n)).dataobj.inter == -1024)
@@ -273,7 +277,11 @@ def interrupt_after(monkeypatch, k):
 def record_work(monkeypatch):
     """Let prepare.work run as usual, recording the names of the volumes it prepares."""
     done = []
-    monkeypatch.setattr(prepare, "work", lambda args: (done.append(args[0]["name"]), REAL_WORK(args))[1])
+
+    def recording(args):
+        done.append(args[0]["name"])
+        return REAL_WORK(args)
+    monkeypatch.setattr(prepare, "work", recording)
     return done
 
 
