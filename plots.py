@@ -16,6 +16,7 @@ import torch
 
 from model import PATCH
 from common import LABELS
+from metrics import auroc
 
 
 def pyplot(log):
@@ -117,7 +118,7 @@ def plot_losses(log_path, png, log=print):
 
 def plot_roc(y, scores, png, title, log=print):
     """Test ROC curve of every class (scores: mean over probe seeds), macro AUROC in the title."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
     plt = pyplot(log)
     if plt is None:
         return None
@@ -127,7 +128,7 @@ def plot_roc(y, scores, png, title, log=print):
         if 0 < y[:, c].sum() < len(y):
             fpr, tpr, _ = roc_curve(y[:, c], scores[:, c])
             ax.plot(fpr, tpr, lw=1.2)
-            name += f"\nAUROC {roc_auc_score(y[:, c], scores[:, c]):.2f}"
+            name += f"\nAUROC {auroc(y[:, c], scores[:, c]):.2f}"  # the number probe.py reports
         else:
             name += "\n(one class only)"
         ax.set_title(name, fontsize=7)

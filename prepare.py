@@ -26,14 +26,12 @@ A crash or Ctrl-C loses at most the volumes in flight: the same command continue
 manifest is written only when every volume is done (section 3).
 """
 import csv
-import gzip
 import json
 import os
 import re
 import shutil
 import sys
 import time
-import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -43,8 +41,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import ctrate
 from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, at_least,
                     atomic_write_text, describe, one_of, parse_config, setting)
+from ctrate import Reject, load_nifti, natural_key
 
 # -----------------------------------------------------------------------------
 # The format: a split is four arrays of S slices each, plus its table (RECIPE.md 2)
@@ -157,43 +157,6 @@ BODY_HU = -500.0      # body = HU above this (RECIPE.md 7)
 BODY_OPEN_MM = 19.0   # opening window: RECIPE.md 7's 25 px at CT-RATE's typical 0.75 mm
 AIR_RANGE = (-1100.0, -900.0)  # where air must sit once in HU, or the HU decision was wrong
 SPACING_TOL = 0.02    # header and CSV spacing may differ by 2% before we call it a disagreement
-
-
-class Reject(Exception):
-    """A volume that cannot be prepared; the message says what is wrong and what to do."""
-
-
-def gunzip(blob):
-    """The whole .gz in one call, where nibabel streams it through the gzip module in 8 KiB pieces.
-    zlib checks the gzip CRC and length; a file of several gzip members (bgzip), of which zlib
-    reads only the first, goes the slow way."""
-    z = zlib.decompressobj(wbits=31)  # 31 = 16 + 15: deflate inside a gzip header and trailer
-    data = z.decompress(blob)
-    if not z.eof:
-        raise EOFError("compressed stream ends early")
-    return gzip.decompress(blob) if z.unused_data.strip(b"\0") else data
-
-
-def load_nifti(path, what):
-    """(image, stored voxels) of a NIfTI file. nibabel parses the header (offset, dtype and byte
-    order, shape, scaling); the voxels are a read-only view of the decompressed bytes, not a copy."""
-    import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
-    from nibabel.spatialimages import HeaderDataError
-    from nibabel.wrapstruct import WrapStructError
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        data = gunzip(data) if path.endswith(".gz") else data
-        klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(data[:540]) else nib.Nifti1Image
-        img = klass.from_bytes(data)
-        proxy = img.dataobj
-        raw = np.frombuffer(data, proxy.dtype, int(np.prod(proxy.shape)), proxy.offset)
-        raw = raw.reshape(proxy.shape, order=proxy.order)  # NIfTI order (X, Y, Z, ...), Fortran layout
-    except (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, WrapStructError) as e:
-        raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
-                     f"download it again")
-    return img, raw
 
 
 def hu_scaling(img, raw, job, how):
@@ -371,12 +334,7 @@ def process_volume(job, cfg):
         raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
     slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
     px_mm, z_src, flip_z, z_dir = geometry(img, job)
-    labels = []
-    for c in LABELS:
-        v = job["labels"][c].strip()
-        if v not in ("0", "1", "0.0", "1.0"):
-            raise Reject(f"{job['path']}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
-        labels.append(int(float(v)))
+    labels = ctrate.label_values(job["labels"], job["path"])
     vol = orient(raw, flip_z)  # (D, Y, X), stored values
     try:
         box = body_box(vol, px_mm, (BODY_HU - inter) / slope)
@@ -424,109 +382,19 @@ def process_volume(job, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 2. Discovery: which volumes exist, with their CSV rows and masks, and their split
-
-NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
-
-
-def strip_ext(name):
-    return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(name.strip()))
-
-
-def natural_key(s):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
-
-
-def read_csv_rows(path, required):
-    """{VolumeName without extension: [rows]} of a CSV and its columns, after checking them."""
-    if not os.path.exists(path):
-        raise SystemExit(f"{path}: missing. A CT-RATE folder has metadata/ and multi_abnormality_labels/ CSVs; "
-                         f"check --src.")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        missing = [c for c in required if c not in cols]
-        if missing:
-            raise SystemExit(f"{path}: missing column(s) {missing}; it has {cols}. Is this a CT-RATE CSV?")
-        rows = {}
-        for row in reader:
-            rows.setdefault(strip_ext(row["VolumeName"]), []).append(row)
-    return rows, cols
-
-
-def read_labels(path):
-    rows, cols = read_csv_rows(path, ["VolumeName"] + LABELS)
-    unknown = [c for c in cols if c not in LABELS and c != "VolumeName"]
-    if unknown:  # a renamed or extra class would silently shift meaning: refuse the file
-        raise SystemExit(f"{path}: unknown label column(s) {unknown}. Expected VolumeName and the 18 CT-RATE "
-                         f"columns {LABELS}; fix the header or drop the extra columns.")
-    return rows
-
-
-def read_rex(rex_dir):
-    """ReXGroundingCT index {name: entry}. dataset.json is a list of entries or a dict of lists (per split)."""
-    path = os.path.join(rex_dir, "dataset.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        data = json.load(f)
-    entries = [e for v in data.values() for e in v] if isinstance(data, dict) else data
-    index = {}
-    for e in entries:
-        name = strip_ext(e["name"])
-        if name in index:
-            raise SystemExit(f"{path}: volume {name} appears twice; keep one entry per scan.")
-        for code in e.get("categories", {}).values():
-            if code not in ABNORMALITY_CODES:
-                raise SystemExit(f"{path}: {name} has unknown category {code!r}; known: {ABNORMALITY_CODES}")
-        index[name] = e
-    return index
-
+# 3. Writing in place: each volume goes straight into its rows of its split's arrays
+#
+# A volume's slice count follows from its header alone (slice_count), so before any voxel is
+# read the main process gives every volume its rows, a "slot", in staged split arrays
+# OUT/.staging/{split}.slices.i16 etc., volumes in name order. A worker writes its volume into its
+# slot, then drops a marker OUT/.staging/done/NAME.json holding the volume's table row. The marker
+# comes after the data and appears atomically, so a marker means a complete slot: a re-run skips
+# those volumes and redoes the others (a half-written slot is simply written again). A volume
+# rejected on the way leaves its slot empty, a hole that assembly closes (section 4).
 
 def discover(cfg):
-    """All volumes of the source folder as jobs, plus the rejects found without opening a file."""
-    rex_dir = cfg.rex or os.path.join(cfg.src, "rexgroundingct")
-    rex = read_rex(rex_dir)
-    jobs, rejects = [], []
-    for src_split, meta_name in (("train", "train"), ("valid", "validation")):
-        folder = next((os.path.join(cfg.src, d) for d in (f"{src_split}_fixed", src_split)
-                       if os.path.isdir(os.path.join(cfg.src, d))), None)
-        if folder is None:
-            continue
-        meta_csv = f"metadata/{meta_name}_metadata.csv"
-        labels_csv = f"multi_abnormality_labels/{src_split}_predicted_labels.csv"
-        meta = read_csv_rows(os.path.join(cfg.src, meta_csv),
-                             ["VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"])[0]
-        labels = read_labels(os.path.join(cfg.src, labels_csv))
-        found = {}
-        for root, _, files in os.walk(folder):
-            for fn in files:
-                if fn.endswith((".nii.gz", ".nii")):
-                    found.setdefault(strip_ext(fn), []).append(os.path.join(root, fn))
-        for name in sorted(found, key=natural_key):
-            paths = found[name]
-            path = paths[0]
-            m = NAME_RE.match(name)
-            n_meta, n_labels = len(meta.get(name, [])), len(labels.get(name, []))
-            reason = None
-            if len(paths) > 1:
-                reason = f"duplicate volume name: found at {paths}; keep one copy"
-            elif not m or m.group(1) != src_split:
-                reason = f"name {name!r} is not {src_split}_<patient>_<scan>_<recon>; rename it as CT-RATE does"
-            elif n_meta != 1:
-                reason = f"{n_meta} rows for it in {meta_csv} (need exactly one); add or deduplicate its row"
-            elif n_labels != 1:
-                reason = f"{n_labels} rows for it in {labels_csv} (need exactly one); add or deduplicate its row"
-            if reason:
-                rejects.append((name, path, reason))
-                continue
-            # masks live under {split}_fixed/ whichever copy of the images is read (RECIPE.md 2)
-            anat = os.path.join(cfg.src, "ts_seg", "ts_total", f"{src_split}_fixed", os.path.relpath(path, folder))
-            entry = rex.get(name)
-            rex_path = os.path.join(rex_dir, "segmentations", name + ".nii.gz") if entry else None
-            jobs.append(dict(name=name, patient=f"{src_split}_{m.group(2)}", src_split=src_split, path=path,
-                             meta=meta[name][0], labels=labels[name][0],
-                             anat=anat if os.path.exists(anat) else None, rex=entry, rex_path=rex_path))
+    """The source folder's volumes as jobs, and the rejects found without opening a file."""
+    jobs, rejects = ctrate.scan(cfg.src, cfg.rex or ctrate.rex_folder(cfg.src))
     if not jobs and not rejects:
         raise SystemExit(f"{cfg.src}: no volumes found under train_fixed/, valid_fixed/, train/ or valid/. "
                          f"Point --src at a CT-RATE folder, or run `python phantom.py` first.")
@@ -542,17 +410,6 @@ def assign_splits(jobs, cfg):
     for j in jobs:
         j["split"] = "test" if j["src_split"] == "valid" else ("val" if j["patient"] in val else "train")
 
-
-# -----------------------------------------------------------------------------
-# 3. Writing in place: each volume goes straight into its rows of its split's arrays
-#
-# A volume's slice count follows from its header alone (slice_count), so before any voxel is
-# read the main process gives every volume its rows, a "slot", in staged split arrays
-# OUT/.staging/{split}.slices.i16 etc., volumes in name order. A worker writes its volume into its
-# slot, then drops a marker OUT/.staging/done/NAME.json holding the volume's table row. The marker
-# comes after the data and appears atomically, so a marker means a complete slot: a re-run skips
-# those volumes and redoes the others (a half-written slot is simply written again). A volume
-# rejected on the way leaves its slot empty, a hole that assembly closes (section 4).
 
 def human(n):
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import ctrate
 import prepare
 from common import parse_config
 from prepare import LABELS, Config, open_split, PreparedError
@@ -41,7 +42,7 @@ def all_rows(root):
 
 def read_csv(path):
     with open(path, newline="") as f:
-        return {prepare.strip_ext(r["VolumeName"]): r for r in csv.DictReader(f)}
+        return {ctrate.strip_ext(r["VolumeName"]): r for r in csv.DictReader(f)}
 
 
 def image_path(src, name):
@@ -211,10 +212,10 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     bad[names[5]] = "does not match its image"
     # missing metadata row, missing label row
     rewrite_csv(os.path.join(src, "metadata", "train_metadata.csv"),
-                lambda c, r: (c, [x for x in r if prepare.strip_ext(x["VolumeName"]) != names[6]]))
+                lambda c, r: (c, [x for x in r if ctrate.strip_ext(x["VolumeName"]) != names[6]]))
     bad[names[6]] = "0 rows for it in metadata"
     rewrite_csv(os.path.join(src, "multi_abnormality_labels", "train_predicted_labels.csv"),
-                lambda c, r: (c, [x for x in r if prepare.strip_ext(x["VolumeName"]) != names[7]]))
+                lambda c, r: (c, [x for x in r if ctrate.strip_ext(x["VolumeName"]) != names[7]]))
     bad[names[7]] = "0 rows for it in multi_abnormality_labels"
     # duplicate name: the same file in a second folder
     dup = os.path.join(src, "train_fixed", "extra", os.path.basename(image_path(src, names[8])))
@@ -224,7 +225,7 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     # header spacing (a _fixed file) disagrees with the CSV
     fixed = next(n for n in names[9:] if nib.load(image_path(src, n)).dataobj.inter == -1024)
     rewrite_csv(os.path.join(src, "metadata", "train_metadata.csv"),
-                lambda c, r: (c, [dict(x, ZSpacing="9.5") if prepare.strip_ext(x["VolumeName"]) == fixed else x
+                lambda c, r: (c, [dict(x, ZSpacing="9.5") if ctrate.strip_ext(x["VolumeName"]) == fixed else x
                                   for x in r]))
     bad[fixed] = "spacing disagreement"
 
@@ -341,7 +342,7 @@ def test_rejects_on_the_way_leave_no_gap_and_resume(phantom_src, prepared, tmp_p
     assembly closes. Interrupted in the middle, then run again: the same dataset, and no finished
     volume prepared twice."""
     ref = volumes_by_name(prepared)
-    names = {s: sorted((n for n, v in ref.items() if v[0] == s), key=prepare.natural_key) for s in ("train", "test")}
+    names = {s: sorted((n for n, v in ref.items() if v[0] == s), key=ctrate.natural_key) for s in ("train", "test")}
     bad = {names["train"][1], names["test"][0]}
     real_volume = prepare.process_volume
 
@@ -431,26 +432,6 @@ def test_opening_equals_max_pool_reference():
         dilated = F.max_pool2d(t, k, stride=1, padding=k // 2)
         assert np.array_equal(prepare.erode(m, k), eroded[:, 0].numpy() > 0)
         assert np.array_equal(prepare.dilate(m, k), dilated[:, 0].numpy() > 0)
-
-
-def test_load_nifti_matches_nibabel(tmp_path):
-    """prepare.py gunzips in one call and views the voxels in place; it must read what nib.load reads:
-    little and big endian, .nii and .nii.gz, NIfTI-2, a gzip file of several members, 4-D."""
-    import gzip
-    a = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4) * 37 - 300
-    cases = {"le.nii.gz": nib.Nifti1Image(a, np.eye(4)), "be.nii.gz": nib.Nifti1Image(a.astype(">i2"), np.eye(4)),
-             "plain.nii": nib.Nifti1Image(a, np.eye(4)), "two.nii.gz": nib.Nifti2Image(a, np.diag([2, 2, 3, 1])),
-             "four_d.nii.gz": nib.Nifti1Image(np.stack([a, -a]).astype(np.uint8), np.eye(4))}
-    for name, img in cases.items():
-        nib.save(img, tmp_path / name)
-    blob = cases["le.nii.gz"].to_bytes()
-    with open(tmp_path / "members.nii.gz", "wb") as f:  # two gzip members, as bgzip or `cat a.gz b.gz` write
-        f.write(gzip.compress(blob[:500]) + gzip.compress(blob[500:]))
-    for name in list(cases) + ["members.nii.gz"]:
-        ref = nib.load(tmp_path / name)
-        img, raw = prepare.load_nifti(str(tmp_path / name), "image")
-        assert raw.dtype == ref.get_data_dtype() and np.array_equal(raw, np.asanyarray(ref.dataobj.get_unscaled()))
-        assert np.array_equal(img.affine, ref.affine), name
 
 
 def test_unreadable_file_and_worker_errors_become_rejects(phantom_src, tmp_path, monkeypatch):
