@@ -5,7 +5,7 @@ common.py: what every script shares, so that each stage file holds only its meth
 - one `--key=value` parser for every script: types come from the script's config dataclass, the
   accepted values are declared once next to each field (`setting(default, check)`), presets are
   small JSON files under config/, and every bad value ends in one line naming the flag;
-- device choice and torchrun set-up, printing on rank 0, atomic writes.
+- device choice and torchrun set-up, the step log, reading weight files, atomic writes.
 """
 import json
 import math
@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -307,6 +308,65 @@ def atomic_write_text(path, text):
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def load_torch(path):
+    """A .pt/.pth file read with torch.load(weights_only=True): tensors and plain containers only, so a
+    file from elsewhere cannot run code when opened. Any failure is a ValueError of one line that names
+    the file (torch's own message is a page long and suggests weights_only=False, which we never use)."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: empty file (0 bytes), not a checkpoint: an interrupted copy or write?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        news = [ln for ln in lines if "Unsupported global" in ln]  # the one line that says what is in it
+        if news:
+            raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it ({news[0].split(' was not')[0]}): "
+                             "it holds Python objects beyond tensors and plain containers; save only tensors, "
+                             "e.g. model.state_dict()") from None
+        plain = [ln for ln in lines if "weights_only" not in ln.lower() and "trust" not in ln.lower()]
+        raise ValueError(f"{path}: not a readable torch file ({(plain or [type(e).__name__])[0]}): "
+                         "truncated, or not a checkpoint") from None
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and by torch.compile
+NESTED_ENTRIES = ("backbone", "model", "state_dict")  # where train.py-style checkpoints keep weights
+
+
+def strip_wrappers(key):
+    while key.startswith(WRAPPER_PREFIXES):  # DDP around a compiled model stacks both
+        key = key.split(".", 1)[1]
+    return key
+
+
+def read_state_dict(path):
+    """The tensors of a .safetensors or .pt/.pth file, unnested and with wrapper prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{path}: reading .safetensors needs the safetensors package: "
+                              "pip install safetensors") from None
+        obj = load_file(str(path), device="cpu")
+    elif path.suffix in (".pt", ".pth"):
+        obj = load_torch(path)  # weights_only: a checkpoint from the internet must not run code when opened
+    else:
+        raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pt or .pth")
+    while isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
+        entry = next((k for k in NESTED_ENTRIES if isinstance(obj.get(k), dict)), None)
+        if entry is None:
+            raise ValueError(f"{path}: found no state dict; top-level entries are {sorted(obj)[:8]}, "
+                             f"expected tensors or one of {NESTED_ENTRIES}")
+        obj = obj[entry]
+    sd = {strip_wrappers(k): v for k, v in obj.items()}
+    # a whole pretraining model saved in one dict: keep what sits under "backbone."
+    if "cls_token" not in sd and any(k.startswith("backbone.") for k in sd):
+        sd = {strip_wrappers(k[len("backbone."):]): v for k, v in sd.items() if k.startswith("backbone.")}
+    return sd
 
 
 def atomic_torch_save(obj, path):

@@ -1,6 +1,6 @@
 """
-The DALE-CT networks (RECIPE.md 4): a ViT backbone for single-channel CT slices, the
-LeJEPA projector on its CLS token, and the dense auxiliary heads on CLS and patch tokens.
+The DALE-CT networks (RECIPE.md 4): a ViT backbone for single-channel CT slices, the LeJEPA
+projector on its CLS token, the dense heads on CLS and patch tokens, and the three as one module.
 
 The backbone is timm's VisionTransformer written out plainly (patch 16, CLS token, learned position
 embeddings resampled to any size, pre-norm blocks with LayerScale, final LayerNorm, no registers), with
@@ -12,13 +12,13 @@ timm's parameter names and shapes, so weights move both ways without a converter
 load_backbone is strict: every backbone key present with its shape; only a timm classifier head is ignored.
 """
 import math
-import pickle
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from common import ABNORMALITY_CODES, N_ANATOMY, read_state_dict
 
 PATCH = 16  # pixels per patch side; every input side must be a multiple of it
 
@@ -44,9 +44,8 @@ def size_name(embed_dim, depth):
 
 
 def resample_pos_embed(pos_embed, new_grid, old_grid):
-    """(1, 1+h*w, D) -> (1, 1+H*W, D). The CLS position stays; the grid is resampled as timm's
-    resample_abs_pos_embed does (bicubic, antialiased, in float32), so the same input size
-    gives the same embeddings here and in timm. At the native grid it is the identity."""
+    """(1, 1+h*w, D) -> (1, 1+H*W, D): the CLS position stays, the grid is resampled as timm's
+    resample_abs_pos_embed does (bicubic, antialiased, float32); the identity at the native grid."""
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
     cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, h*w, D)
@@ -186,8 +185,7 @@ def vit_flops_per_image(vit, img_size):
 # What sits on the backbone during pretraining.
 
 class Projector(nn.Module):
-    """The LeJEPA projector on the final-normed CLS token: (B, d) -> (B, out). SIGReg and the
-    invariance term act on its output, not on the backbone features (RECIPE.md 4-5)."""
+    """The LeJEPA projector on the final-normed CLS token, (B, d) -> (B, out): the loss acts on its output."""
 
     def __init__(self, d, hidden=2048, out=124):
         super().__init__()
@@ -202,9 +200,8 @@ class Projector(nn.Module):
 
 
 class DenseHeads(nn.Module):
-    """One linear head per mask family, shared by the CLS token (target: class fractions in the
-    crop) and every patch token (target: class fractions in its 16x16 patch). Linear heads keep
-    the spatial knowledge in the backbone, where the frozen probe will look for it."""
+    """One linear head per mask family, shared by the CLS token (class fractions in the crop) and every
+    patch token (in its patch): linear, so the spatial knowledge stays in the backbone for the probe."""
 
     def __init__(self, d, n_anatomy=118, n_abnormal=14):
         super().__init__()
@@ -220,53 +217,43 @@ class DenseHeads(nn.Module):
         )
 
 
+class DaleCT(nn.Module):
+    """What train.py optimises: backbone + projector (+ dense heads for 1S/2S), built from its Config;
+    one module, so DDP sees one forward per micro-step."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.vit = build_vit(cfg.vit, img_size=cfg.global_size, init_values=cfg.layerscale_init)
+        self.projector = Projector(self.vit.embed_dim, hidden=cfg.proj_hidden, out=cfg.proj_dim)
+        self.heads = None
+        if cfg.variant != "0":
+            self.heads = DenseHeads(self.vit.embed_dim, N_ANATOMY, len(ABNORMALITY_CODES))
+        if cfg.variant == "1s":  # no abnormality head at all: a head outside the loss would
+            del self.heads.abnormal  # leave DDP waiting for its gradients (and be saved untrained)
+
+    def embed(self, xg, xl):
+        """Projector outputs only (V*B, K): what SIGReg's statistics need."""
+        return self.projector(torch.cat([self.vit(xg)[0], self.vit(xl)[0]]))
+
+    def forward(self, xg, xl):  # (2B, 1, G, G), (L*B, 1, l, l)
+        cls_g, patch_g = self.vit(xg)  # (2B, D), (2B, Tg, D)
+        cls_l, patch_l = self.vit(xl)  # (L*B, D), (L*B, Tl, D)
+        z = self.projector(torch.cat([cls_g, cls_l]))  # (V*B, K)
+        if self.heads is None:
+            return z, None, None
+        return z, self.dense(cls_g, patch_g), self.dense(cls_l, patch_l)
+
+    def dense(self, cls, patches):
+        if hasattr(self.heads, "abnormal"):
+            return self.heads(cls, patches)  # anat_cls, anat_patch, abn_cls, abn_patch
+        return dict(anat_cls=self.heads.anatomy(cls), anat_patch=self.heads.anatomy(patches))  # 1S
+
+
 # ----------------------------------------------------------------------------------------
-# Loading weights: ours, or any timm-format ViT (released DALE-CT weights are in that format).
+# Loading weights: ours, or any timm-format ViT (released DALE-CT weights are in that format);
+# common.read_state_dict reads the file (.safetensors, .pt, nested or wrapped), this checks the fit.
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # added by DDP and by torch.compile
-NESTED_ENTRIES = ("backbone", "model", "state_dict")  # where train.py-style checkpoints keep weights
 IGNORED_KEYS = ("head.weight", "head.bias")  # a timm classifier: not part of the backbone
-
-
-def strip_wrappers(key):
-    while key.startswith(WRAPPER_PREFIXES):  # DDP around a compiled model stacks both
-        key = key.split(".", 1)[1]
-    return key
-
-
-def read_state_dict(path):
-    """The tensors of a .safetensors or .pt/.pth file, unnested and with wrapper prefixes removed."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{path}: reading .safetensors needs the safetensors package: pip install safetensors") from None
-        obj = load_file(str(path), device="cpu")
-    elif path.suffix in (".pt", ".pth"):
-        try:  # weights_only: a checkpoint from the internet must not run code when opened
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            # torch's message is a page long; its "Unsupported global: ..." line is the news
-            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-            why = next((ln for ln in lines if "Unsupported global" in ln), lines[0]).split(" was not")[0]
-            raise ValueError(f"{path}: torch.load(weights_only=True) cannot read it ({why}); it holds Python objects "
-                             "beyond tensors and plain containers: save only tensors, e.g. model.state_dict()") from None
-    else:
-        raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pt or .pth")
-    while isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
-        entry = next((k for k in NESTED_ENTRIES if isinstance(obj.get(k), dict)), None)
-        if entry is None:
-            raise ValueError(f"{path}: found no state dict; top-level entries are {sorted(obj)[:8]}, "
-                             f"expected tensors or one of {NESTED_ENTRIES}")
-        obj = obj[entry]
-    sd = {strip_wrappers(k): v for k, v in obj.items()}
-    # a whole pretraining model saved in one dict: keep what sits under "backbone."
-    if "cls_token" not in sd and any(k.startswith("backbone.") for k in sd):
-        sd = {strip_wrappers(k[len("backbone."):]): v for k, v in sd.items() if k.startswith("backbone.")}
-    return sd
 
 
 def load_backbone(vit, path):

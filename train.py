@@ -36,9 +36,9 @@ import lejepa
 import prepare
 from common import (ABNORMALITY_CODES, FRACTION, N_ANATOMY, NONNEG, POSITIVE, Check, StepLog, at_least,
                     atomic_torch_save, atomic_write_text, describe, one_of, parse_config, setting,
-                    setup_distributed, world_size, fused_sigreg_ok)
+                    setup_distributed, world_size, fused_sigreg_ok, load_torch)
 from lejepa import lejepa_loss
-from model import PATCH, VIT_SIZES, DenseHeads, Projector, build_vit, vit_flops_per_image
+from model import PATCH, VIT_SIZES, DaleCT, vit_flops_per_image
 
 MULTIPLE_OF_PATCH = Check(lambda v: v > 0 and v % PATCH == 0, f"a positive multiple of the patch size {PATCH}")
 SIDE = Check(lambda v: 0 < v <= 1, "a fraction of the slice side in (0, 1]")
@@ -327,37 +327,6 @@ def make_views(batch, cfg, device):
 # -----------------------------------------------------------------------------
 # Model and loss
 
-class DaleCT(nn.Module):
-    """Backbone + projector (+ dense heads): one module, so DDP sees one forward per micro-step."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.vit = build_vit(cfg.vit, img_size=cfg.global_size, init_values=cfg.layerscale_init)
-        self.projector = Projector(self.vit.embed_dim, hidden=cfg.proj_hidden, out=cfg.proj_dim)
-        self.heads = None
-        if cfg.variant != "0":
-            self.heads = DenseHeads(self.vit.embed_dim, N_ANATOMY, len(ABNORMALITY_CODES))
-        if cfg.variant == "1s":  # no abnormality head at all: a head outside the loss would
-            del self.heads.abnormal  # leave DDP waiting for its gradients (and be saved untrained)
-
-    def embed(self, xg, xl):
-        """Projector outputs only (V*B, K): what SIGReg's statistics need."""
-        return self.projector(torch.cat([self.vit(xg)[0], self.vit(xl)[0]]))
-
-    def forward(self, xg, xl):  # (2B, 1, G, G), (L*B, 1, l, l)
-        cls_g, patch_g = self.vit(xg)  # (2B, D), (2B, Tg, D)
-        cls_l, patch_l = self.vit(xl)  # (L*B, D), (L*B, Tl, D)
-        z = self.projector(torch.cat([cls_g, cls_l]))  # (V*B, K)
-        if self.heads is None:
-            return z, None, None
-        return z, self.dense(cls_g, patch_g), self.dense(cls_l, patch_l)
-
-    def dense(self, cls, patches):
-        if hasattr(self.heads, "abnormal"):
-            return self.heads(cls, patches)  # anat_cls, anat_patch, abn_cls, abn_patch
-        return dict(anat_cls=self.heads.anatomy(cls), anat_patch=self.heads.anatomy(patches))  # 1S
-
-
 def anatomy_pos_weight(ds, cfg):
     """Per-class BCE positive weight: 1 / pixel frequency over pos_weight_slices training slices, clipped."""
     vols = np.flatnonzero(ds.has_anatomy)
@@ -490,9 +459,9 @@ def resume_path(cfg):
 
 def load_checkpoint(path, raw, optimizer, cfg):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain data only
-    except Exception as e:
-        raise SystemExit(f"{path}: cannot read checkpoint ({str(e).splitlines()[0]})") from None
+        ckpt = load_torch(path)
+    except ValueError as e:
+        raise SystemExit(f"--resume: {e}") from None
     old = ckpt.get("config", {})
     diff = [f"{k}={old.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in MODEL_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:

@@ -84,3 +84,13 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         common.atomic_write_text(str(path), "new")
     assert path.read_text() == "old"
+
+
+@pytest.mark.parametrize("content", [b"", b"\x80\x02not a checkpoint" * 10, b"PK\x03\x04 half a zip"])
+def test_unreadable_torch_files_are_one_line(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        common.load_torch(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg and "weights_only=False" not in msg, msg
