@@ -213,22 +213,6 @@ def setup_distributed(device_name):
     return ddp, rank, world, device
 
 
-def fused_sigreg_ok(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
-    """Use the Triton SIGReg only once it matches lejepa's PyTorch SIGReg on this GPU (kernels/sigreg.py's
-    own check at startup): a kernel or Triton-version problem then costs speed, never a wrong loss."""
-    try:
-        from kernels.sigreg import check
-        worst = check(device, log=lambda *a: None)
-    except Exception as e:  # triton missing, a compile error on this GPU, ...
-        log(f"fused SIGReg unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"using the PyTorch path")
-        return False
-    ok = all(worst.get(k, float("inf")) < v for k, v in tol.items())
-    log(f"fused SIGReg check: worst relative error {', '.join(f'{k[6:]} {v:.1e}' for k, v in worst.items())} -> "
-        + ("using the Triton kernel" if ok else "MISMATCH, using the PyTorch path (run python kernels/sigreg.py)"))
-    return ok
-
-
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

@@ -4,7 +4,8 @@ an invariance term that pulls every view of a slab towards the mean of its two g
 SIGReg, which pushes each view's batch of embeddings towards an isotropic Gaussian by comparing
 the empirical characteristic function of 1,024 random 1-D projections with exp(-t^2/2).
 RECIPE.md section 5 is the specification; this file is the readable definition that the Triton
-kernel in kernels/sigreg.py is tested against; sigreg(..., fused=True) hands the work to that kernel.
+kernel in kernels/sigreg.py is tested against; sigreg(..., fused=kernels.sigreg.sigreg_fused) hands the
+work to that kernel (this file never imports it: the kernel builds on the pieces below).
 
 Three things this file gets right that are easy to get wrong:
 - precision: the projection and the cos/sin means run in float32 even under bf16 autocast,
@@ -184,21 +185,12 @@ def sigreg_torch(z, A, knots=17, t_max=3.0, chunk=None, given=None):
 # -----------------------------------------------------------------------------
 # The public API
 
-def _fused_kernel():
-    """kernels.sigreg.sigreg_fused, imported on first use (it needs triton)."""
-    try:
-        from kernels.sigreg import sigreg_fused
-    except ImportError as e:
-        raise ImportError(f"lejepa.py: sigreg(fused=True) needs triton and kernels/sigreg.py ({e}); "
-                          "install triton or pass fused=False") from e
-    return sigreg_fused
-
-
-def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=False, chunk=None, given=None):
+def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=None, chunk=None, given=None):
     """SIGReg (RECIPE.md 5) of z (N, K), or of each view of z (V, N, K) averaged over views, along
     num_slices directions drawn for this step. Returns a 0-dim float32 tensor (float64 for float64 z).
-    fused: True = the Triton kernel (CUDA; on a CPU only under TRITON_INTERPRET=1, for tests),
-    False = the PyTorch path; train.py turns it on once the kernel's check passes on this GPU.
+    fused: a fused implementation of sigreg_torch's statistic (kernels.sigreg.sigreg_fused: CUDA, or a CPU
+    under TRITON_INTERPRET=1 for tests), or None/False for the PyTorch path; train.py passes the kernel
+    once its check passes on this GPU.
     chunk: directions per chunk on the PyTorch path (None = bounded by CHUNK_ELEMENTS).
     Under torch.distributed the batch is the global one (all ranks' rows) and each rank's gradient
     is scaled so that DDP's gradient averaging yields the single-process gradient. Call it on
@@ -208,7 +200,7 @@ def sigreg(z, step, num_slices=1024, knots=17, t_max=3.0, fused=False, chunk=Non
         raise ValueError(f"lejepa.py: sigreg expects z of shape (N, K) or (V, N, K), got {tuple(z.shape)}")
     A = sigreg_directions(z.shape[-1], num_slices, step, z.device)  # (K, M)
     if fused and given is None:  # the kernel computes its own sums
-        return _fused_kernel()(z, A, knots=knots, t_max=t_max)
+        return fused(z, A, knots=knots, t_max=t_max)
     return sigreg_torch(z, A, knots, t_max, chunk, given)
 
 

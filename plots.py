@@ -9,7 +9,6 @@ returns None, and the run carries on.
 """
 import json
 import os
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -30,35 +29,15 @@ def pyplot(log):
         return None
 
 
-def picture_sample(ds, cfg, tries=256):
-    """(plan, slab slice indices) of the sample to draw: the first training draw (step s, slot 0)
-    whose slab shows a finding, so that the picture has abnormality masks to show; step 0's draw if
-    none of the first `tries` does."""
-    from train import plan_slabs, slab_range
-    first = None
-    for step in range(tries):
-        plan = plan_slabs(ds, cfg, step, [0])
-        v = int(plan["vol"][0])
-        lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
-        slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
-        first = first or (plan, slab)
-        if ds.has_abnormality[v] and ds.abnormal[slab.start:slab.stop].any():
-            return plan, slab
-    return first
-
-
-def draw_sample(ds, cfg, path, log=print):
+def draw_sample(ds, cfg, path, plan, slab, views, log=print):
     """One training sample as the model sees it: the slab's slices (centre framed) with the anatomy
     mask (colours) and the finding masks (red outlines), then the 2 global and n_local local views
     with the patch targets of the dense heads (colour: the majority anatomy class of each 16 px
-    patch; red boxes: patches with an abnormality)."""
+    patch; red boxes: patches with an abnormality). plan, slab and views: train.picture_sample's."""
     plt = pyplot(log)
     if plt is None:
         return None
-    from train import gather, make_views  # here, not at the top: probe.py imports this file too
-    plan, slab = picture_sample(ds, cfg)
     v = int(plan["vol"][0])
-    views = make_views(gather(ds, plan), replace(cfg, variant="2s"), torch.device("cpu"))
     ncol = max(len(slab), 2 + cfg.n_local // 2)
     fig, axes = plt.subplots(3, ncol, figsize=(2 * ncol, 6.4), squeeze=False)
     for ax in axes.flat:

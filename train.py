@@ -24,7 +24,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import lejepa
 import prepare
 from common import (ABNORMALITY_CODES, FRACTION, N_ANATOMY, NONNEG, POSITIVE, Check, StepLog, at_least,
                     atomic_torch_save, atomic_write_text, describe, one_of, parse_config, setting,
-                    setup_distributed, world_size, fused_sigreg_ok, load_torch)
+                    setup_distributed, world_size, load_torch)
 from lejepa import lejepa_loss
 from model import PATCH, VIT_SIZES, DaleCT, vit_flops_per_image
 
@@ -391,11 +391,11 @@ def sigreg_statistics(raw, micro_views, cfg, step, autocast):
     return lejepa.global_sums(zs, step, cfg.num_slices)
 
 
-def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1, fused=False):
+def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1, fused=None):
     """Forward one micro-batch; returns the total loss and a dict of detached parts for the log.
     given: SIGReg's statistics over the whole step (sigreg_statistics), or None = this micro-batch's;
     counts: the step's mask counts (step_mask_counts) for the aux means, or None = this micro-batch's;
-    fused: SIGReg by the Triton kernel (kernels/sigreg.py) instead of lejepa.py's PyTorch path."""
+    fused: the Triton SIGReg (fused_sigreg) in place of lejepa.py's PyTorch path, or None."""
     z, aux_g, aux_l = model(views["xg"], views["xl"])
     B = len(views["has_anatomy"])
     z = z.float().view(2 + cfg.n_local, B, -1)  # (V, B, K); SIGReg sums in float32 (RECIPE.md 5)
@@ -427,6 +427,23 @@ def get_lr(step, cfg):
         return cfg.lr * (step + 1) / cfg.warmup_steps
     t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
+
+
+def picture_sample(ds, cfg, tries=256):
+    """(plan, slab slice indices, views) of the sample --picture draws: the first training draw (step s,
+    slot 0) whose slab shows a finding, else step 0's; its views with the 2S targets."""
+    first = None
+    for step in range(tries):
+        plan = plan_slabs(ds, cfg, step, [0])
+        v = int(plan["vol"][0])
+        lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
+        slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
+        first = first or (plan, slab)
+        if ds.has_abnormality[v] and ds.abnormal[slab.start:slab.stop].any():
+            first = (plan, slab)
+            break
+    views = make_views(gather(ds, first[0]), replace(cfg, variant="2s"), torch.device("cpu"))
+    return (*first, views)
 
 
 # -----------------------------------------------------------------------------
@@ -483,6 +500,22 @@ def load_checkpoint(path, raw, optimizer, cfg):
 # Set-up and logging: what main() needs before its loop, and its log lines
 
 
+def fused_sigreg(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
+    """The Triton SIGReg, once it matches lejepa's PyTorch SIGReg on this GPU (kernels/sigreg.py's own
+    check at startup), else None: a kernel or Triton-version problem then costs speed, never a wrong loss."""
+    try:
+        from kernels.sigreg import check, sigreg_fused
+        worst = check(device, log=lambda *a: None)
+    except Exception as e:  # triton missing, a compile error on this GPU, ...
+        log(f"fused SIGReg unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"using the PyTorch path")
+        return None
+    ok = all(worst.get(k, float("inf")) < v for k, v in tol.items())
+    log(f"fused SIGReg check: worst relative error {', '.join(f'{k[6:]} {v:.1e}' for k, v in worst.items())} -> "
+        + ("using the Triton kernel" if ok else "MISMATCH, using the PyTorch path (run python kernels/sigreg.py)"))
+    return sigreg_fused if ok else None
+
+
 def build(cfg, ds, device, ddp, world, accum, log):
     """The model (compiled, then DDP-wrapped), its optimiser, the step to start from, the BCE weights."""
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -533,7 +566,7 @@ def main(argv=None):
     ddp, rank, world, device = setup_distributed(cfg.device)  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
-    fused = cfg.fused_sigreg and device.type == "cuda" and fused_sigreg_ok(device, log)
+    fused = fused_sigreg(device, log) if cfg.fused_sigreg and device.type == "cuda" else None
     if cfg.batch_size % (cfg.micro_batch * world):
         raise SystemExit(f"batch_size={cfg.batch_size} is not micro_batch={cfg.micro_batch} x {world} ranks x "
                          f"an integer accumulation; change micro_batch or batch_size")
@@ -544,7 +577,7 @@ def main(argv=None):
     raw, model, optimizer, start, pos_anat, pos_weight = build(cfg, ds, device, ddp, world, accum, log)
     if cfg.picture:
         import plots
-        return plots.draw_sample(ds, cfg, cfg.picture, log)
+        return plots.draw_sample(ds, cfg, cfg.picture, *picture_sample(ds, cfg), log)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     if master:

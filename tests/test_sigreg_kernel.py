@@ -119,8 +119,8 @@ def test_deterministic_bitwise():
 
 def test_dispatch_shapes_and_autocast():
     z = skewed(30, 12, seed=3)
-    # lejepa.sigreg(fused=True) reaches the kernel; a 2-D z is one view
-    v_fused = sigreg(z, step=4, num_slices=20, fused=True)
+    # lejepa.sigreg(fused=kernel) reaches the kernel; a 2-D z is one view
+    v_fused = sigreg(z, step=4, num_slices=20, fused=ks.sigreg_fused)
     v_torch = sigreg(z, step=4, num_slices=20, fused=False)
     torch.testing.assert_close(v_fused, v_torch, rtol=1e-5, atol=0)
     torch.testing.assert_close(ks.sigreg_fused(z[None], sigreg_directions(12, 20, 4)), v_fused, rtol=0, atol=0)
@@ -128,7 +128,7 @@ def test_dispatch_shapes_and_autocast():
     lin = torch.nn.Linear(12, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         zb = lin(z)  # (30, 8) bf16
-        loss, parts = lejepa_loss(zb.view(3, 10, 8), lam=0.5, step=4, num_slices=20, fused=True)
+        loss, parts = lejepa_loss(zb.view(3, 10, 8), lam=0.5, step=4, num_slices=20, fused=ks.sigreg_fused)
     loss.backward()
     assert parts["sigreg"].dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
     ref = sigreg(zb.detach().view(3, 10, 8).float(), step=4, num_slices=20, fused=False)
@@ -147,7 +147,7 @@ def _ddp_worker(rank, world, init_file, out_dir, x, W0):
     try:
         B = x.shape[1] // world
         W = W0.clone().requires_grad_()
-        v = sigreg(x[:, rank * B:(rank + 1) * B] @ W, step=6, num_slices=20, fused=True)
+        v = sigreg(x[:, rank * B:(rank + 1) * B] @ W, step=6, num_slices=20, fused=ks.sigreg_fused)
         v.backward()
         gW = W.grad.clone()
         dist.all_reduce(gW)

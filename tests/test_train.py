@@ -485,14 +485,14 @@ def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
     import kernels.sigreg as ks
     lines = []
     monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 1e-3})
-    assert common.fused_sigreg_ok("cuda", lines.append)
+    assert train.fused_sigreg("cuda", lines.append) is ks.sigreg_fused
     monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 0.5})
-    assert not common.fused_sigreg_ok("cuda", lines.append) and "MISMATCH" in lines[-1]
+    assert train.fused_sigreg("cuda", lines.append) is None and "MISMATCH" in lines[-1]
 
     def broken(device, log=print):
         raise RuntimeError("PTX compile failed")
     monkeypatch.setattr(ks, "check", broken)
-    assert not common.fused_sigreg_ok("cuda", lines.append) and "PTX compile failed" in lines[-1]
+    assert train.fused_sigreg("cuda", lines.append) is None and "PTX compile failed" in lines[-1]
 
 
 def test_picture_shows_a_finding_when_there_is_one(prepared):
@@ -501,12 +501,12 @@ def test_picture_shows_a_finding_when_there_is_one(prepared):
     ds = prepare.open_split(prepared, "train")
     cfg = tiny_cfg(prepared, variant="0")
     assert ds.has_abnormality.any() and not ds.has_abnormality.all()
-    plan, slab = plots.picture_sample(ds, cfg)
+    plan, slab, _ = train.picture_sample(ds, cfg)
     v = int(plan["vol"][0])
     assert ds.start[v] <= slab.start and slab.stop <= ds.start[v] + ds.count[v] and int(plan["centre"][0]) in slab
     assert ds.abnormal[slab.start:slab.stop].any()
     ds.has_abnormality = np.zeros_like(ds.has_abnormality)  # no volume with masks: step 0's draw
-    plan0, _ = plots.picture_sample(ds, cfg)
+    plan0, _, _ = train.picture_sample(ds, cfg)
     assert all(np.array_equal(plan0[k], train.plan_slabs(ds, cfg, 0, [0])[k]) for k in plan0)
 
 
@@ -525,10 +525,11 @@ def test_pictures_are_optional_and_drawn_when_possible(prepared, tmp_path, monke
 
     with monkeypatch.context() as m:
         m.setattr(builtins, "__import__", no_matplotlib)
-        assert plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append) is None
+        sample = train.picture_sample(ds, cfg)
+        assert plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), *sample, lines.append) is None
     assert "pip install matplotlib" in lines[-1] and not (tmp_path / "s.png").exists()
     pytest.importorskip("matplotlib")
-    png = plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), lines.append)
+    png = plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), *sample, lines.append)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "inv": 0.1, "sigreg": 2.0}) for s in (1, 2, 3)))
