@@ -449,7 +449,11 @@ def picture_sample(ds, cfg, tries=256):
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-MODEL_KEYS = ("vit", "variant", "global_size", "proj_hidden", "proj_dim")  # must match to resume
+# What a resumed run may change: where things are, how often it logs and saves, how it runs, and
+# max_steps (upward: the cosine then stretches from the resumed step on). Anything else would make the
+# run a different training from the checkpoint's, so it is refused (README: resume).
+RESUMABLE = ("data", "out_dir", "device", "data_workers", "compile", "fused_sigreg", "log_every", "ckpt_every",
+             "stop_at", "resume", "picture", "max_steps")
 
 
 def save_checkpoint(path, raw, optimizer, step, cfg, pos_weight):
@@ -479,11 +483,15 @@ def load_checkpoint(path, raw, optimizer, cfg):
         ckpt = load_torch(path)
     except ValueError as e:
         raise SystemExit(f"--resume: {e}") from None
-    old = ckpt.get("config", {})
-    diff = [f"{k}={old.get(k)!r} (this run: {getattr(cfg, k)!r})" for k in MODEL_KEYS if old.get(k) != getattr(cfg, k)]
+    old, new = ckpt.get("config", {}), asdict(cfg)
+    diff = [f"--{k}={new[k]} (the checkpoint's: {old[k]})" for k in new
+            if k in old and k not in RESUMABLE and old[k] != new[k]]
     if diff:
-        raise SystemExit(f"{path}: checkpoint is from another model: {', '.join(diff)}; "
-                         f"pass the same settings or resume another checkpoint")
+        raise SystemExit(f"{path}: this run's settings differ from the checkpoint's: {', '.join(diff)}; resume with "
+                         f"the checkpoint's settings (its config.json), or start a new --out_dir")
+    if cfg.max_steps < ckpt.get("step", 0):
+        raise SystemExit(f"{path}: the checkpoint is at step {ckpt['step']}, beyond --max_steps={cfg.max_steps}: "
+                         f"give --max_steps={ckpt['step']} or more (the checkpoint's: {old.get('max_steps')})")
     try:
         raw.vit.load_state_dict(ckpt["model"])
         raw.projector.load_state_dict(ckpt["projector"])

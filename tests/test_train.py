@@ -480,6 +480,30 @@ def test_bad_inputs(prepared, tmp_path):
     one_line_error(tiny_args(prepared, tmp_path / "o5", resume=str(tmp_path / "missing.pt")), "missing.pt")
 
 
+def test_resume_refuses_a_changed_training_and_keeps_its_config(prepared, tmp_path):
+    """A resume may change where and how it runs and extend max_steps, never what it trains: batch, seed
+    or lr changed on resume are refused with both values, and config.json stays the checkpoint's."""
+    out = tmp_path / "run"
+    train.main(tiny_args(prepared, out, max_steps=3))
+    before = (out / "config.json").read_text()
+    for flag, needle in (("seed", "--seed=5 (the checkpoint's: 0)"), ("lr", "--lr=0.5"),
+                         ("batch_size", "--batch_size=16 (the checkpoint's: 8)"),
+                         ("max_steps", "beyond --max_steps=2")):
+        value = {"seed": 5, "lr": 0.5, "batch_size": 16, "max_steps": 2}[flag]
+        kw = {"max_steps": 6, flag: value} if flag != "max_steps" else {"max_steps": value}
+        if flag == "batch_size":
+            kw["micro_batch"] = 8
+        one_line_error(tiny_args(prepared, out, resume="auto", **kw), needle)
+        assert (out / "config.json").read_text() == before and load_ckpt(out)["step"] == 3
+    train.main(tiny_args(prepared, out, max_steps=5, log_every=2, resume="auto"))  # allowed changes
+    assert load_ckpt(out)["step"] == 5
+
+
+def test_zero_byte_checkpoint_is_one_line(prepared, tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    one_line_error(tiny_args(prepared, tmp_path, resume="auto"), "empty file")
+
+
 def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
     """On CUDA the Triton SIGReg is switched on only when its startup check agrees with PyTorch."""
     import kernels.sigreg as ks
