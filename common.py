@@ -288,10 +288,10 @@ class StepLog:
 
 def atomic_write_text(path, text):
     """Write to path.tmp, then rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    _atomic(path, write)
 
 
 def load_torch(path):
@@ -354,6 +354,15 @@ def read_state_dict(path):
 
 
 def atomic_torch_save(obj, path):
+    _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _atomic(path, write):
     tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # disk full, Ctrl-C: no half file is left for anything to mistake
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

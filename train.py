@@ -19,6 +19,7 @@ crops, resizes, augments and derives the soft targets for the whole micro-batch 
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections import deque
@@ -464,7 +465,11 @@ def save_checkpoint(path, raw, optimizer, step, cfg, pos_weight):
             "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
             "vit": cfg.vit, "img_size": cfg.global_size, "pos_weight": pos_weight,
             "rng": {"torch": torch.get_rng_state(), "data": "derived from (seed, step, slot)"}}
-    atomic_torch_save(ckpt, path)
+    try:
+        atomic_torch_save(ckpt, path)
+    except OSError as e:  # the half-written path.tmp is gone; the previous checkpoint is intact
+        raise SystemExit(f"{path}: cannot write the step-{step} checkpoint ({e.strerror}); free space in "
+                         f"{os.path.dirname(path) or '.'} and resume with --resume=auto") from None
 
 
 def resume_path(cfg):
@@ -550,6 +555,21 @@ def build(cfg, ds, device, ddp, world, accum, log):
     return raw, model, optimizer, start, pos_anat, pos_weight
 
 
+def prepare_out_dir(cfg, raw):
+    """config.json into out_dir, which must be writable and hold two checkpoints (the next is written beside
+    the last): said now, not after hours of training."""
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        atomic_write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
+    except OSError as e:
+        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror}); pick a writable folder")
+    need = 2 * 3 * 4 * sum(p.numel() for p in raw.parameters())  # float32 weights and Adam's two moments
+    free = shutil.disk_usage(cfg.out_dir).free
+    if free < need:
+        raise SystemExit(f"--out_dir={cfg.out_dir}: {free / 1e9:.2f} GB free, checkpoints need {need / 1e9:.2f} GB; "
+                         f"free some space or pick another folder")
+
+
 def open_data(cfg, log):
     try:
         ds = prepare.open_split(cfg.data, cfg.split)
@@ -587,9 +607,8 @@ def main(argv=None):
         import plots
         return plots.draw_sample(ds, cfg, cfg.picture, *picture_sample(ds, cfg), log)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
     if master:
-        atomic_write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
+        prepare_out_dir(cfg, raw)
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if device.type == "cuda" else nullcontext()
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     batches = loader(ds, cfg, start, rank, world, accum, pin=device.type == "cuda")

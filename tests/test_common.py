@@ -83,7 +83,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
         common.atomic_write_text(str(path), "new")
-    assert path.read_text() == "old"
+    assert path.read_text() == "old" and not (tmp_path / "results.json.tmp").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"\x80\x02not a checkpoint" * 10, b"PK\x03\x04 half a zip"])

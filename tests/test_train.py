@@ -499,6 +499,31 @@ def test_resume_refuses_a_changed_training_and_keeps_its_config(prepared, tmp_pa
     assert load_ckpt(out)["step"] == 5
 
 
+def test_out_dir_that_cannot_take_checkpoints_is_refused_before_training(prepared, tmp_path, monkeypatch):
+    """A read-only out_dir or a disk too small for two checkpoints: one line before step 1; a disk that
+    fills at the checkpoint: one line, and no ckpt.pt.tmp left to be mistaken for anything."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere: refuse the write the way a read-only disk would
+        def refused(*args):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(train, "atomic_write_text", refused)
+    one_line_error(tiny_args(prepared, locked / "run"), "cannot write there")
+    monkeypatch.undo()
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    one_line_error(tiny_args(prepared, tmp_path / "small"), "GB free")
+    monkeypatch.undo()
+
+    def full(obj, tmp):
+        open(tmp, "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    one_line_error(tiny_args(prepared, tmp_path / "full", max_steps=1), "No space left")
+    assert not list((tmp_path / "full").glob("ckpt.pt*"))
+
+
 def test_zero_byte_checkpoint_is_one_line(prepared, tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(b"")
     one_line_error(tiny_args(prepared, tmp_path, resume="auto"), "empty file")
