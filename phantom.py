@@ -1,52 +1,37 @@
 """
-Write a small synthetic chest-CT dataset in exactly the CT-RATE layout.
+phantom.py: a small synthetic chest-CT dataset in exactly the CT-RATE layout (ctrate.py).
 
-Everything in this project runs on it with no download: the CPU demo pretrains
-a tiny ViT on it, and the frozen MIL probe has to find its 18 abnormalities.
-It is also the test data. It is not CT-RATE: it is a drawing, made of
-ellipses, tubes and blobs, that has the same files, the same header quirks
-and the same kind of problem (a finding lives in a few slices of a volume and
-the label is per volume).
+Everything in this project runs on it with no download: the CPU demo pretrains a tiny ViT on it,
+and the frozen MIL probe has to find its 18 abnormalities. It is also the test data. It is not
+CT-RATE: it is a drawing, made of ellipses, tubes and blobs, that has the same files, the same
+header quirks and the same kind of problem (a finding lives in a few slices of a volume and the
+label is per volume).
 
     python phantom.py                                  # data/phantom, the demo set
     python phantom.py --out=/tmp/ph --train_patients=20 --valid_patients=8 --size=48
 
 What one volume holds (all sizes in mm, drawn per patient, so no two agree):
 - a body ellipse (subcutaneous fat -100 HU, muscle 40 HU) in air (-1000 HU);
-- a thoracic cavity with two lungs (-850 HU, denser posteriorly) that grow
-  from the apex down to the diaphragm domes, with lobes and fissures, a few
-  vessels and bronchi; liver, stomach and spleen under the domes;
-- heart (40 HU) low and left, aorta (ascending, arch, descending beside the
-  spine), superior vena cava, trachea splitting into the main bronchi,
-  esophagus; vertebrae T1..T12 with discs and spinal cord; ribs that run
-  obliquely around the wall, costal cartilage, sternum;
+- a thoracic cavity with two lungs (-850 HU, denser posteriorly) that grow from the apex down to
+  the diaphragm domes, with lobes and fissures, a few vessels and bronchi; liver, stomach and
+  spleen under the domes;
+- heart (40 HU) low and left, aorta (ascending, arch, descending beside the spine), superior vena
+  cava, trachea splitting into the main bronchi, esophagus; vertebrae T1..T12 with discs and
+  spinal cord; ribs that run obliquely around the wall, costal cartilage, sternum;
 - scanner noise (10-20 HU) and a soft or sharp reconstruction kernel.
-Each of the 18 CT-RATE abnormalities is drawn as a visible, local pattern
-(see the painters below) in a range of slices, and a volume's label is 1
-exactly when its pattern was drawn: there is no label noise.
+Each of the 18 CT-RATE abnormalities is drawn as a visible, local pattern (see the painters below)
+in a range of slices, and a volume's label is 1 exactly when its pattern was drawn: there is no
+label noise.
 
-Files written under --out (names as CT-RATE spells them):
-    {split}_fixed/{split}_{p}/{split}_{p}_{s}/{split}_{p}_{s}_{r}.nii.gz   int16 volumes, (X, Y, Z)
-    metadata/{train,validation}_metadata.csv                               spacing and rescale
-    multi_abnormality_labels/{train,valid}_predicted_labels.csv            18 binary labels
-    ts_seg/ts_total/{split}_fixed/.../{name}.nii.gz                        TotalSegmentator "total" ids
-    rexgroundingct/dataset.json, rexgroundingct/segmentations/{name}.nii.gz   finding masks
-    phantom.json                                                           the config and counts
-Array axes: X increases toward the patient's left, Y toward the back, Z
-toward the head (Z index 0 = the most inferior slice). Stored value = HU + 1024.
-Half of the volumes are "raw" (no scaling in the header, identity affine: the
-CSV's spacing and intercept are the only truth, like CT-RATE's originals),
-half "fixed" (scl_slope 1, scl_inter -1024 and the real spacing in the
-affine). The CSV always lists RescaleSlope 1, RescaleIntercept -1024; a reader
-that applies it to a fixed file shifts everything by -1024 HU.
+Files: the CT-RATE layout of ctrate.py with int16 volumes, and phantom.json (the config and counts).
+Array axes: X increases toward the patient's left, Y toward the back, Z toward the head (Z index 0
+= the most inferior slice). Stored value = HU + 1024. Half of the volumes are "raw" (an original's
+header: the CSV's spacing and intercept are the only truth), half "fixed" (see ctrate.write_volume).
+The CSV always lists RescaleSlope 1, RescaleIntercept -1024: applied to a fixed file, 1024 HU too low.
 
-The same seed gives byte-identical files, whatever the number of workers:
-every random number comes from a generator seeded by (seed, name of the
-patient/scan/volume).
+The same seed gives byte-identical files, whatever the number of workers: every random number
+comes from a generator seeded by (seed, name of the patient/scan/volume).
 """
-
-import csv
-import gzip
 import hashlib
 import json
 import os
@@ -57,10 +42,10 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
-import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+import ctrate
 from common import FRACTION, LABELS, NONEMPTY, SettingError, apply, at_least, describe, parse_config, setting
 
 
@@ -76,17 +61,6 @@ class PhantomConfig:
     workers: int = setting(2, at_least(1))  # processes; 1 = in this process (the output does not depend on it)
 
 
-# ReXGroundingCT finding category of each label (three labels have none, so
-# they never get a mask).
-CATEGORY = {
-    "Arterial wall calcification": "1a", "Coronary artery wall calcification": "1a",
-    "Cardiomegaly": "1b", "Pericardial effusion": "1c", "Hiatal hernia": "1d",
-    "Emphysema": "1e", "Atelectasis": "1f", "Lung nodule": "2a", "Lung opacity": "2b",
-    "Pulmonary fibrotic sequela": "2c", "Pleural effusion": "2d",
-    "Peribronchial thickening": "2e", "Consolidation": "2f", "Bronchiectasis": "2g",
-    "Interlobular septal thickening": "2h",
-}
-
 # TotalSegmentator "total" label values that the phantom draws (0 = background).
 TS = dict(spleen=1, liver=5, stomach=6, lung_upper_left=10, lung_lower_left=11,
           lung_upper_right=12, lung_middle_right=13, lung_lower_right=14, esophagus=15,
@@ -99,14 +73,7 @@ TS_IDS = sorted({0, 1, 5, 6, *range(10, 17), *range(30, 45), 51, 52, 62, 79, 86,
 LOBE_NAMES = {10: "left upper lobe", 11: "left lower lobe", 12: "right upper lobe",
               13: "right middle lobe", 14: "right lower lobe"}
 
-# Labels come from a liability-threshold model: label = [a + w.latent + eps > 0]
-# with standard normal latents and eps, and a set so that the marginal
-# prevalence is exactly PREVALENCE (before the small top-up in plan_volumes).
-# Latents common to several labels make plausible pairs co-occur (age:
-# calcifications; smoking: emphysema and nodules; heart failure: cardiomegaly
-# and effusions; infection: consolidation and opacity), mildly.
-# Prevalences span roughly CT-RATE's range, the rarest raised to 12% so that
-# the 50-patient test split holds several positives of every class.
+# Prevalences span roughly CT-RATE's range, the rarest raised to 12% so the 50-patient test split has positives.
 PREVALENCE = {
     "Medical material": 0.13, "Arterial wall calcification": 0.28, "Cardiomegaly": 0.13,
     "Pericardial effusion": 0.12, "Coronary artery wall calcification": 0.25,
@@ -128,8 +95,7 @@ WEIGHTS = {  # label -> {latent: weight}
     "Atelectasis": {"infection": 0.5, "heart": 0.3}, "Peribronchial thickening": {"smoking": 0.5},
     "Bronchiectasis": {"smoking": 0.3, "infection": 0.3}, "Mosaic attenuation pattern": {"smoking": 0.3},
 }
-# A later scan of the same patient keeps chronic findings (residual correlation
-# 0.8) more often than acute ones (0.3).
+# A patient's later scan keeps chronic findings more often than these acute ones (draw_labels' rho).
 ACUTE = {"Pericardial effusion", "Pleural effusion", "Consolidation", "Lung opacity",
          "Atelectasis", "Lymphadenopathy"}
 
@@ -140,20 +106,18 @@ MANUFACTURERS = {  # name -> (sharp kernel, soft kernel) as they appear in serie
 
 
 def rng_for(*keys) -> np.random.Generator:
-    """A generator that depends only on its keys (not on call order or process),
-    which is what makes the output independent of the number of workers."""
+    """A generator keyed only by `keys`, not by call order or process: the output does not depend on workers."""
     digest = hashlib.sha256("|".join(map(str, keys)).encode()).digest()
     return np.random.default_rng(int.from_bytes(digest[:16], "little"))
 
 
 # ----------------------------------------------------------------------------
-# Planning: which volumes exist, their labels, geometry and flags. No voxels
-# are drawn here, so tests can plan the full default set.
+# Planning: which volumes exist, their labels, geometry and flags; no voxel, so tests plan the default set
 
 def draw_labels(rng, latent, previous_eps):
-    """One scan's 18 labels from the liability-threshold model, with their
-    liabilities. previous_eps: the earlier scan's noise terms (or None), for
-    persistence of findings."""
+    """One scan's 18 labels, noise terms and liabilities: label = [a + w.latent + eps > 0], latents and eps
+    standard normal, a set for a prevalence of exactly PREVALENCE; latents common to labels (WEIGHTS) make
+    plausible pairs co-occur. previous_eps: the earlier scan's noise terms (or None), for persistence."""
     labels, eps, liability = {}, {}, {}
     for name in LABELS:
         w = WEIGHTS.get(name, {})
@@ -187,8 +151,7 @@ def make_chest(body, rng, labels, size, dz_max):
     plus the derived positions of every structure. All in mm except t_*."""
     c = dict(body)
     A, B, f, m = c["A"], c["B"], c["f"], c["m"]
-    fov = rng.uniform(340, 380)
-    c["s"] = round(fov / size, 3)                       # in-plane spacing
+    c["s"] = round(rng.uniform(340, 380) / size, 3)     # in-plane spacing: field of view / pixels
     c["dz_max"] = dz_max                                # coarsest z spacing any recon may get
     c["bx"], c["by"] = rng.uniform(-8, 8), rng.uniform(-4, 12)
     c["z_lo"] = rng.uniform(-0.04, 0.0) * c["L"]         # inferior end of the scan
@@ -211,11 +174,9 @@ def make_chest(body, rng, labels, size, dz_max):
 
 
 def plan_volumes(cfg: PhantomConfig):
-    """The list of volumes to write, each a dict with everything the writer
-    and the CSVs need (name, split, labels, spacing, flags, geometry)."""
+    """The volumes to write, each a dict with everything the writer and the CSVs need."""
     seed, size = cfg.seed, cfg.size
-    dz_mid = 170.0 / cfg.slices
-    dz_options = [round(k * dz_mid, 2) for k in (0.8, 1.0, 1.2)]
+    dz_options = [round(k * (170.0 / cfg.slices), 2) for k in (0.8, 1.0, 1.2)]
     scans = []
     for split, n_patients in (("train", cfg.train_patients), ("valid", cfg.valid_patients)):
         for p in range(1, n_patients + 1):
@@ -223,8 +184,7 @@ def plan_volumes(cfg: PhantomConfig):
             body = draw_patient(prng)
             latent = {k: prng.standard_normal() for k in LATENTS}
             manufacturer = list(MANUFACTURERS)[prng.integers(len(MANUFACTURERS))]
-            # Patient 2 always has two scans and patient 1 two reconstructions,
-            # so that even a tiny set has volumes to group.
+            # Patient 2 always has two scans and patient 1 two reconstructions: even a tiny set has groups.
             n_scans = 2 if p == 2 else 1 + int(prng.random() < 0.12)
             eps = None
             for si in range(n_scans):
@@ -233,9 +193,7 @@ def plan_volumes(cfg: PhantomConfig):
                 labels, eps, liability = draw_labels(srng, latent, eps)
                 scans.append(dict(split=split, p=p, scan="abc"[si], rng=srng, body=body, labels=labels,
                                   liability=liability, manufacturer=manufacturer))
-    # Every class gets at least 8% of a split's scans: where chance left fewer,
-    # the negative scans closest to the threshold (highest liability) turn
-    # positive. This keeps a small test split usable for per-class AUROC.
+    # Each class on 8% of a split's scans at least (negatives nearest the threshold flip): per-class AUROC.
     for split in ("train", "valid"):
         group = [s for s in scans if s["split"] == split]
         need = int(np.ceil(0.08 * len(group)))
@@ -266,11 +224,10 @@ def plan_volumes(cfg: PhantomConfig):
         plan[-1]["raw"] = not plan[-1]["raw"]           # always exercise both header kinds
     for split in ("train", "valid"):
         vols = [v for v in plan if v["split"] == split]
-        # Masks: an exact share of the volumes, favouring those with findings
-        # (weighted sampling without replacement, keys -log(u)/w, Efraimidis-Spirakis).
+        # Masks on an exact share, favouring findings: weighted sampling, Efraimidis-Spirakis keys -log(u)/w.
         n_rex = max(1, round(cfg.rex_frac * len(vols))) if cfg.rex_frac > 0 and vols else 0
         keyed = sorted(vols, key=lambda v: -np.log(rng_for(seed, v["name"], "rex").random())
-                       / (1 + sum(v["labels"][i] for i, k in enumerate(LABELS) if k in CATEGORY)))
+                       / (1 + sum(v["labels"][i] for i, k in enumerate(LABELS) if k in ctrate.CATEGORY)))
         for v in keyed[:n_rex]:
             v["rex"] = True
         # About 5% of volumes have no TotalSegmentator output, as in CT-RATE.
@@ -281,9 +238,8 @@ def plan_volumes(cfg: PhantomConfig):
 
 
 # ----------------------------------------------------------------------------
-# Geometry of the normal chest, as functions of (X, Y, Z) in mm that broadcast:
-# the same function fills a volume and tests a single point, which is how
-# lesions are placed where the lung is before any voxel exists.
+# Geometry of the normal chest, as functions of (X, Y, Z) in mm that broadcast: the same function
+# fills a volume and tests a single point, which is how lesions are placed before any voxel exists.
 
 class Chest:
     def __init__(self, params: dict):
@@ -388,10 +344,16 @@ class Grid:
                                        + ((z - c[2]) / r[2]) ** 2) <= 1
         return m
 
+    def ellipsoids(self, shapes):
+        """Union of the ellipsoids [(centre, radii), ...]."""
+        m = np.zeros(self.shape, bool)
+        for c, r in shapes:
+            m |= self.ellipsoid(c, r)
+        return m
+
     def tube(self, p0, p1, r0, r1):
-        """A straight tube whose centre moves linearly with z from p0 to p1
-        (vessels, airways): returns the in-plane distance to the centre
-        (inf outside the tube's z range) and the radius per slice."""
+        """A straight tube whose centre moves linearly with z from p0 to p1 (vessels, airways): the
+        in-plane distance to the centre (inf outside the tube's z range) and the radius per slice."""
         f = (self.z - p0[2]) / (p1[2] - p0[2])                               # (nz,)
         d = np.full(self.shape, np.inf, np.float32)
         k = np.nonzero((f >= 0) & (f <= 1))[0]
@@ -416,8 +378,7 @@ def draw_anatomy(g: Grid, ch: Chest, rng):
     X, Y, Z = g.X, g.Y, g.Z
     t = Z / ch.L
     field = smooth_field(rng, X, Y, Z, 60.0)                              # (n, n, nz)
-    # Lung density differs between scans (depth of inspiration) and so does its
-    # texture: a finding has to be told from normal variation, not from the mean.
+    # Lung density (inspiration) and texture vary by scan: a finding must stand out from normal variation.
     inspiration, texture = rng.uniform(-30, 30), rng.uniform(5, 20)
     # Body: fat under the skin, muscle inside; a little narrower toward the apex.
     A = ch.A * (1 - 0.08 * t**2)
@@ -452,10 +413,8 @@ def draw_anatomy(g: Grid, ch: Chest, rng):
     trachea = t >= ch.t_c
     g.put(trachea & (d <= 10.5), 35.0, TS["trachea"])
     g.put(trachea & (d <= 7.5), -1000.0)
-    hila = []
-    for side in (1, -1):
-        hilum = (side * 0.33 * ch.Ac, ch.yt + 8, (ch.t_c - 0.08) * ch.L)
-        hila.append(hilum)
+    hila = [(side * 0.33 * ch.Ac, ch.yt + 8, (ch.t_c - 0.08) * ch.L) for side in (1, -1)]
+    for hilum in hila:   # main bronchi
         d, r = g.tube(hilum, (0, ch.yt, ch.t_c * ch.L), 5.5, 6.5)
         g.put(d <= r + 2.5, 35.0)
         g.put(d <= r, -1000.0)
@@ -473,8 +432,7 @@ def draw_anatomy(g: Grid, ch: Chest, rng):
             d, r = g.tube(hilum, tgt, 3.5, 2.5)
             g.put(lung & (d <= r + 1.5), -300.0)
             g.put(lung & (d <= r), -950.0)
-    # Spine: vertebral bodies T1..T12 (C7 or L1-L2 at the ends) separated by
-    # discs, the canal with the cord behind, the posterior arch.
+    # Spine: vertebral bodies T1..T12 (C7 or L1-L2 at the ends) and discs, the canal and cord, the arch.
     level = (ch.t_apex * ch.L + 10 - Z) / (ch.L / 11.5 * ch.vert_h) + ch.vert_off   # (1, 1, nz)
     vlabel = np.clip(TS["vertebra_T1"] - np.floor(level), TS["vertebra_L2"], TS["vertebra_C7"])
     disc = (level - np.floor(level)) > 0.85
@@ -486,8 +444,7 @@ def draw_anatomy(g: Grid, ch: Chest, rng):
     g.put(arch & ~disc, 500.0, vlabel)
     g.put(dc <= 7, 10.0, 0)
     g.put(dc <= 4.5, 30.0, TS["spinal_cord"])
-    # Ribs: a band just outside the cavity; a rib attached to vertebra k runs
-    # down toward the front, so a slice cuts several ribs around the wall.
+    # Ribs: a band outside the cavity; each runs down toward the front, so a slice cuts several.
     depth = -ch.cavity_depth(X, Y)
     phi = np.arctan2(np.abs(X), Y - ch.cy) / np.pi                          # 0 at the spine, 1 in front
     rib = level - 0.3 + ch.rib_drop * phi                                   # (n, n, nz)
@@ -501,20 +458,14 @@ def draw_anatomy(g: Grid, ch: Chest, rng):
 
 
 # ----------------------------------------------------------------------------
-# Abnormalities. Each painter draws its finding into the grid and returns
-# (mask of the voxels it drew, one line of report text). Every random number
-# is drawn before any voxel is touched, from a generator keyed by the scan,
-# so the two reconstructions of a scan get the same lesion. A lesion in the
-# lung starts from an anchor point whose surroundings (one voxel's worth in
-# every direction, at the coarsest z spacing) lie in the lung; should a thin
-# lesion miss every voxel centre of a coarse grid, a core ellipsoid at the
-# anchor, big enough to contain one, is drawn instead (or_core). So a mask is
-# never empty and a label of 1 always has something drawn.
+# Abnormalities. Each painter draws its finding into the grid and returns (mask of the voxels it
+# drew, one line of report text). Its random numbers come first, from a generator keyed by the
+# scan, so both reconstructions of a scan get the same lesion. A lung lesion starts at an anchor
+# with lung all around it (lung_point), and or_core keeps its mask from ever being empty.
 
 def lung_point(rng, ch, t_lo, t_hi, side=0, where=None):
-    """A random point (x, y, z) well inside the lung (right=1, left=2, 0=either):
-    the lung also holds the points 0.6 voxel away in every direction. On very
-    coarse grids (few, thick slices) that margin may not fit; it then shrinks."""
+    """A random point (x, y, z) well inside the lung (right=1, left=2, 0=either): the lung also holds
+    the points 0.6 voxel away in every direction, a margin that shrinks where a coarse grid lacks room."""
     for margin in (0.6, 0.3, 0.0):
         o = np.array([-1, 0, 1]) * margin
         ox, oy, oz = np.meshgrid(o * ch.s, o * ch.s, o * ch.dz_max, indexing="ij")
@@ -544,12 +495,11 @@ def lobe_at(ch, p, side):
 
 def medical_material(g, ch, rng):
     kind = rng.choice(3, p=[0.5, 0.3, 0.2])
-    m = np.zeros(g.shape, bool)
     zs = ch.s * 1.05, ch.s * 1.05, 0.95 * ch.dz_max
     if kind == 2:  # sternotomy wires: metal loops along the sternum
-        for z in np.sort(rng.uniform(ch.td + 0.12, 0.85, rng.integers(4, 7))) * ch.L:
-            for side in (-1, 1):
-                m |= g.ellipsoid((side * 12, ch.cy - ch.Bc - 6, z), (max(3.5, zs[0]), max(3.5, zs[1]), zs[2]))
+        r = (max(3.5, zs[0]), max(3.5, zs[1]), zs[2])
+        zw = np.sort(rng.uniform(ch.td + 0.12, 0.85, rng.integers(4, 7))) * ch.L
+        m = g.ellipsoids(((side * 12, ch.cy - ch.Bc - 6, z), r) for z in zw for side in (-1, 1))
         g.put(m, 3000.0)
         return m, "Median sternotomy wires."
     # Pacemaker (left) or port (right): a device under the skin, a lead/catheter into the heart.
@@ -598,12 +548,11 @@ def pericardial_effusion(g, ch, rng):
 def coronary_calcification(g, ch, rng):
     n = rng.integers(2, 6)
     r = (max(3.0, 1.05 * ch.s), max(3.0, 1.05 * ch.s), max(3.0, 0.95 * ch.dz_max))
-    m = np.zeros(g.shape, bool)
-    for _ in range(n):   # on the upper, front-left surface of the heart, where the arteries run
-        th, psi = rng.uniform(-np.pi / 2 - 0.6, 0.2), rng.uniform(0.0, 0.6)
-        m |= g.ellipsoid((ch.hx + 0.95 * ch.hax * np.cos(psi) * np.cos(th),
-                          ch.hy + 0.95 * ch.hay * np.cos(psi) * np.sin(th),
-                          ch.hz + 0.95 * ch.haz * np.sin(psi)), r)
+    # On the upper, front-left surface of the heart, where the arteries run.
+    angles = [(rng.uniform(-np.pi / 2 - 0.6, 0.2), rng.uniform(0.0, 0.6)) for _ in range(n)]
+    m = g.ellipsoids(((ch.hx + 0.95 * ch.hax * np.cos(psi) * np.cos(th),
+                       ch.hy + 0.95 * ch.hay * np.cos(psi) * np.sin(th),
+                       ch.hz + 0.95 * ch.haz * np.sin(psi)), r) for th, psi in angles)
     g.put(m, rng.uniform(600, 1000))
     return m, f"Coronary artery calcification ({n} foci)."
 
@@ -626,10 +575,8 @@ def lymphadenopathy(g, ch, rng):
              (0.3 * ch.Ac, ch.yt - 4, (ch.t_c - 0.12) * ch.L),   # left hilar
              (-0.3 * ch.Ac, ch.yt - 4, (ch.t_c - 0.12) * ch.L)]  # right hilar
     pick = rng.choice(len(sites), rng.integers(2, 4), replace=False)
-    m = np.zeros(g.shape, bool)
-    for i in pick:
-        r = max(rng.uniform(9, 14), 1.05 * ch.s)
-        m |= g.ellipsoid(sites[i], (r, r, max(r, 0.95 * ch.dz_max)))
+    radii = [max(rng.uniform(9, 14), 1.05 * ch.s) for _ in pick]
+    m = g.ellipsoids((sites[i], (r, r, max(r, 0.95 * ch.dz_max))) for i, r in zip(pick, radii))
     m &= ~np.isin(g.lab, [TS["trachea"], TS["aorta"], TS["esophagus"]])
     g.put(m, 45.0, 0)
     return m, f"Enlarged mediastinal and hilar lymph nodes ({len(pick)} stations)."
@@ -638,9 +585,7 @@ def lymphadenopathy(g, ch, rng):
 def emphysema(g, ch, rng):
     holes = [(lung_point(rng, ch, ch.t_c - 0.1, min(ch.t_apex, 1.0) - 0.05)[0], rng.uniform(5, 9))
              for _ in range(rng.integers(12, 30))]
-    m = np.zeros(g.shape, bool)
-    for p, r in holes:
-        m |= g.ellipsoid(p, (max(r, 1.05 * ch.s), max(r, 1.05 * ch.s), max(r, 0.95 * ch.dz_max)))
+    m = g.ellipsoids((p, (max(r, 1.05 * ch.s), max(r, 1.05 * ch.s), max(r, 0.95 * ch.dz_max))) for p, r in holes)
     m = or_core(g, ch, m & (g.lung > 0), holes[0][0])
     g.put(m, -985.0)
     return m, "Centrilobular emphysema, upper lobe predominant."
@@ -652,8 +597,7 @@ def atelectasis(g, ch, rng):
     for _ in range(1 + int(rng.random() < 0.3)):
         p, side = lung_point(rng, ch, 0.02, ch.td + 0.15, where=lambda x, y, z: y > ch.cy + 0.3 * ch.Bc)
         r = (rng.uniform(25, 35), rng.uniform(22, 32), max(rng.uniform(0.1, 0.14) * ch.L, ch.dz_max))
-        # Centred on the back wall behind a basal lung point and cut by the
-        # lung: a dense wedge of collapsed lung against the posterior chest wall.
+        # On the back wall behind a basal lung point, cut by the lung: a wedge of collapsed lung.
         wall = (p[0], max(p[1], ch.cy + ch.Bc - 0.3 * r[1]), p[2])
         m |= or_core(g, ch, g.ellipsoid(wall, r) & (g.lung == side), p)
         names.append(lobe_at(ch, p, side))
@@ -664,9 +608,7 @@ def atelectasis(g, ch, rng):
 def lung_nodule(g, ch, rng):
     nodules = [(*lung_point(rng, ch, 0.1, 0.9), max(rng.uniform(5.5, 11), 1.05 * ch.s))
                for _ in range(rng.integers(1, 4))]
-    m = np.zeros(g.shape, bool)
-    for p, side, r in nodules:
-        m |= g.ellipsoid(p, (r, r, max(r, 0.95 * ch.dz_max)))
+    m = g.ellipsoids((p, (r, r, max(r, 0.95 * ch.dz_max))) for p, _, r in nodules)
     m = or_core(g, ch, m & (g.lung > 0), nodules[0][0])
     g.put(m, 30.0)
     p, side, r = max(nodules, key=lambda q: q[2])
@@ -681,9 +623,7 @@ def lung_opacity(g, ch, rng):
     for _ in range(rng.integers(2, 5)):
         q = (p[0] + rng.uniform(-20, 20), p[1] + rng.uniform(-20, 20), p[2] + rng.uniform(-0.06, 0.06) * ch.L)
         blobs.append((q, (rng.uniform(10, 22), rng.uniform(10, 22), rng.uniform(0.05, 0.1) * ch.L)))
-    m = np.zeros(g.shape, bool)
-    for q, r in blobs:
-        m |= g.ellipsoid(q, r)
+    m = g.ellipsoids(blobs)
     m = or_core(g, ch, m & (g.lung > 0), p)
     np.maximum(g.hu, np.where(m, np.float32(-520), np.float32(-2000)), out=g.hu)   # ground glass keeps the vessels
     return m, f"Ground-glass opacity in the {lobe_at(ch, p, side)}."
@@ -714,9 +654,7 @@ def pleural_effusion(g, ch, rng):
     for side in sides:
         p, _ = lung_point(rng, ch, 0.02, ch.td + 0.05, side, where=lambda x, y, z: y > ch.cy + 0.4 * ch.Bc)
         top = p[2] + max(rng.uniform(0.08, 0.18) * ch.L, 2 * ch.dz_max)
-        # Fluid layers at the back (patients lie supine): its surface y_line
-        # rises from the anchor level to the back wall at `top`, and sits
-        # further forward below the anchor, where the effusion is deepest.
+        # Supine fluid at the back: y_line rises to the back wall at `top`, deepest below the anchor.
         y0 = p[1] - 1.5 * ch.s - rng.uniform(0, 20)
         y_line = np.where(g.Z <= p[2], y0 - 0.3 * (p[2] - g.Z), y0 + (back - y0) * (g.Z - p[2]) / (top - p[2]))
         m |= or_core(g, ch, (g.lung == side) & (g.Y >= y_line) & (g.Z <= top), p)
@@ -733,25 +671,25 @@ def mosaic_attenuation(g, ch, rng):
     return m, "Mosaic attenuation pattern."
 
 
-def _airways(ch, rng, n, t_lo, t_hi, lumen, wall, where=None):
-    """n short airways through random lung points: returns [(anchor, side, (d, r))]."""
-    out = []
+def airways(g, ch, rng, n, t_lo, t_hi, lumen, wall, widen):
+    """n short airways through random lung points, lumen radius and wall drawn from the ranges (mm),
+    the lumen widening by `widen` along each: (airways in the lung, lumens, [(anchor, side)])."""
+    tubes = []
     for _ in range(n):
-        p, side = lung_point(rng, ch, t_lo, t_hi, where=where)
+        p, side = lung_point(rng, ch, t_lo, t_hi)
         v = (np.sign(p[0]) * rng.uniform(8, 25), rng.uniform(-15, 15), rng.uniform(0.08, 0.15) * ch.L)
         lr = max(rng.uniform(*lumen), 0.5 * ch.s)
-        out.append((p, side, (np.subtract(p, v), np.add(p, v)), lr, max(rng.uniform(*wall), 1.05 * ch.s)))
-    return out
+        tubes.append(((p, side), np.subtract(p, v), np.add(p, v), lr, max(rng.uniform(*wall), 1.05 * ch.s)))
+    m, inside = np.zeros(g.shape, bool), np.zeros(g.shape, bool)
+    for _, a, b, lr, w in tubes:
+        d, r = g.tube(a, b, lr, lr * widen)
+        m |= d <= r + w
+        inside |= d <= r
+    return or_core(g, ch, m & (g.lung > 0), tubes[0][0][0]), inside, [t[0] for t in tubes]
 
 
 def peribronchial_thickening(g, ch, rng):
-    airways = _airways(ch, rng, rng.integers(4, 8), 0.1, 0.6, (2.5, 3.5), (3.5, 5))
-    m, lumen = np.zeros(g.shape, bool), np.zeros(g.shape, bool)
-    for p, side, (a, b), lr, w in airways:
-        d, r = g.tube(a, b, lr, lr)
-        m |= (d <= r + w)
-        lumen |= d <= r
-    m = or_core(g, ch, m & (g.lung > 0), airways[0][0])
+    m, lumen, _ = airways(g, ch, rng, rng.integers(4, 8), 0.1, 0.6, (2.5, 3.5), (3.5, 5), 1.0)
     g.put(m, 10.0)
     g.put(m & lumen, -950.0)
     return m, "Peribronchial thickening in both lungs."
@@ -772,16 +710,10 @@ def consolidation(g, ch, rng):
 
 
 def bronchiectasis(g, ch, rng):
-    airways = _airways(ch, rng, rng.integers(3, 6), 0.05, 0.5, (5.5, 8), (2, 3))
-    m, lumen = np.zeros(g.shape, bool), np.zeros(g.shape, bool)
-    for p, side, (a, b), lr, w in airways:
-        d, r = g.tube(a, b, lr, lr * 1.2)
-        m |= d <= r + w
-        lumen |= d <= r
-    m = or_core(g, ch, m & (g.lung > 0), airways[0][0])
+    m, lumen, anchors = airways(g, ch, rng, rng.integers(3, 6), 0.05, 0.5, (5.5, 8), (2, 3), 1.2)
     g.put(m, -60.0)
     g.put(m & lumen, -960.0)
-    lobes = sorted({lobe_at(ch, a[0], a[1]) for a in airways})
+    lobes = sorted({lobe_at(ch, p, side) for p, side in anchors})
     return m, "Bronchiectasis (dilated thick-walled airways) in the " + " and ".join(lobes) + "."
 
 
@@ -796,8 +728,7 @@ def septal_thickening(g, ch, rng):
     mesh = (np.abs(np.mod(u, period) - period / 2) < w) | (np.abs(np.mod(v, period) - period / 2) < w)
     band = (ch.cavity_depth(g.X, g.Y) < 18) & (g.Z >= t0 * ch.L) & (g.Z <= (t0 + 0.3) * ch.L)
     m = or_core(g, ch, mesh & band & (g.lung > 0), p)
-    # Polygons the size of secondary lobules (1.5-2.5 cm) under the pleura; a
-    # septum 1-3 mm thick fills a fraction of a ~5.6 mm pixel: about -600 HU.
+    # Lobule-sized polygons under the pleura; a 1-3 mm septum fills part of a pixel: about -600 HU.
     np.maximum(g.hu, np.where(m, np.float32(-600), np.float32(-2000)), out=g.hu)
     return m, "Interlobular septal thickening in the lung periphery."
 
@@ -823,23 +754,18 @@ def render(v):
     ch, g = Chest(v["chest"]), Grid(v)
     draw_anatomy(g, ch, rng_for(v["key"], "anatomy"))
     owner = np.zeros(g.shape, np.uint8)                  # which finding drew each voxel last
-    positive = [k for k in PAINTERS if v["labels"][LABELS.index(k)]]
-    texts = {}
-    for i, name in enumerate(positive, 1):
-        mask, texts[name] = PAINTERS[name](g, ch, rng_for(v["key"], name))
-        owner[mask] = i
-    # A finding wholly painted over by later ones is painted again on top, so
-    # that every positive label stays visible; masks are what shows at the end.
-    for _ in range(3):
-        hidden = [i for i in range(1, len(positive) + 1) if not (owner == i).any()]
-        for i in hidden:
-            mask, _ = PAINTERS[positive[i - 1]](g, ch, rng_for(v["key"], positive[i - 1]))
+    positive = list(enumerate((k for k in PAINTERS if v["labels"][LABELS.index(k)]), 1))
+    texts, todo = {}, positive
+    for _ in range(4):   # a finding painted over by later ones is painted on top again, up to 3 times
+        for i, name in todo:
+            mask, text = PAINTERS[name](g, ch, rng_for(v["key"], name))
             owner[mask] = i
-    findings = {name: (owner == i, texts[name]) for i, name in enumerate(positive, 1)}
+            texts.setdefault(name, text)
+        todo = [(i, name) for i, name in positive if not (owner == i).any()]
+    findings = {name: (owner == i, texts[name]) for i, name in positive}
     if any(not m.any() for m, _ in findings.values()):
         raise RuntimeError(f"phantom.py: a finding of {v['name']} could not be drawn (a bug; report the seed)")
-    # Reconstruction: a soft kernel smooths in-plane ([1, 4, 1] / 6 each way, a blur of about half
-    # a pixel: at ~5.6 mm pixels real kernels differ by less than a pixel), then scanner noise.
+    # Soft kernel: [1, 4, 1] / 6 each way in-plane, half a pixel (real kernels differ by less), then noise.
     hu = g.hu
     if not v["sharp"]:
         p = np.pad(hu, ((1, 1), (1, 1), (0, 0)), mode="edge")
@@ -850,63 +776,16 @@ def render(v):
 
 
 # ----------------------------------------------------------------------------
-# Writing.
-
-def save_nifti(path, array, affine, inter=None):
-    """NIfTI-1, gzipped with a zero timestamp so that the same data gives the
-    same bytes. inter=None leaves scl_slope/scl_inter unset (NaN: no scaling)."""
-    img = nib.Nifti1Image(array, affine)
-    if inter is not None:
-        img.header.set_slope_inter(1.0, inter)
-    data = bytearray(img.to_bytes())
-    if inter is None:   # nibabel writes (1, 0) for unscaled ints; CT-RATE-style originals leave them unset
-        data[112:120] = np.array([np.nan, np.nan], "<f4").tobytes()
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(gzip.compress(bytes(data), compresslevel=1, mtime=0))
-
-
-def volume_dir(v):
-    return f"{v['split']}_fixed/{v['split']}_{v['patient']}/{v['split']}_{v['patient']}_{v['scan']}"
-
+# Writing: the files through ctrate.py
 
 def write_volume(job):
-    """Render and write one volume (image, anatomy, masks). Returns its
-    ReXGroundingCT entry (or None) and the number of voxels per finding."""
+    """Render and write one volume; returns its ReXGroundingCT entry (or None) and voxels per finding."""
     out, v = job
     hu, anatomy, findings = render(v)
     stored = np.clip(np.rint(hu) + 1024, 0, 32767).astype(np.int16)        # (X, Y, Z)
-    if v["raw"]:
-        affine, inter = np.eye(4), None
-    else:
-        n = v["size"]
-        affine = np.diag([-v["xy"], -v["xy"], v["dz"], 1.0])
-        affine[:3, 3] = (v["xy"] * (n - 1) / 2, v["xy"] * (n - 1) / 2, 0.0)
-        inter = -1024.0
-    fname = v["name"] + ".nii.gz"
-    save_nifti(f"{out}/{volume_dir(v)}/{fname}", stored, affine, inter)
-    if v["anatomy"]:
-        save_nifti(f"{out}/ts_seg/ts_total/{volume_dir(v)}/{fname}", anatomy, affine)
-    entry = None
-    if v["rex"]:
-        names = [k for k in LABELS if k in findings and k in CATEGORY]
-        entry = {"name": fname, "findings": {str(i): findings[k][1] for i, k in enumerate(names)},
-                 "categories": {str(i): CATEGORY[k] for i, k in enumerate(names)}}
-        if names:
-            masks = np.stack([findings[k][0] for k in names]).astype(np.uint8)   # (F, X, Y, Z)
-            save_nifti(f"{out}/rexgroundingct/segmentations/{fname}", masks[0] if len(names) == 1 else masks, affine)
+    entry = ctrate.write_volume(out, v["name"], stored, (v["xy"], v["dz"]), v["raw"],
+                                anatomy if v["anatomy"] else None, findings if v["rex"] else None)
     return entry, {k: int(m.sum()) for k, (m, _) in findings.items()}
-
-
-def write_csv(path, header, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
-
-
-OUTPUTS = ["train_fixed", "valid_fixed", "metadata", "multi_abnormality_labels", "ts_seg", "rexgroundingct"]
 
 
 def write_phantom(out, progress=False, **settings) -> dict:
@@ -924,7 +803,7 @@ def write_phantom(out, progress=False, **settings) -> dict:
         if not os.path.exists(f"{out}/phantom.json"):
             raise FileExistsError(f"phantom: {out} is not empty and holds no phantom.json, so it is not a "
                                   "phantom written earlier; pick another --out or empty it")
-        for d in OUTPUTS:   # replace a previous phantom entirely, so no stale volume survives
+        for d in ctrate.FOLDERS:   # replace a previous phantom entirely, so no stale volume survives
             shutil.rmtree(f"{out}/{d}", ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     plan = plan_volumes(cfg)
@@ -935,22 +814,13 @@ def write_phantom(out, progress=False, **settings) -> dict:
             results = list(tqdm(pool.map(write_volume, jobs, chunksize=4), **bar))
     else:
         results = [write_volume(j) for j in tqdm(jobs, **bar)]
-    rex = {"train": [], "valid": []}
-    for v, (entry, _) in zip(plan, results):
-        if entry is not None:
-            rex[v["split"]].append(entry)
-    os.makedirs(f"{out}/rexgroundingct", exist_ok=True)
-    with open(f"{out}/rexgroundingct/dataset.json", "w") as f:
-        json.dump(rex, f, indent=1)
-    for split, meta, lab in (("train", "train", "train"), ("valid", "validation", "valid")):
+    ctrate.write_rex(out, {split: [entry for v, (entry, _) in zip(plan, results) if entry and v["split"] == split]
+                           for split in ctrate.SPLITS})
+    for split in ctrate.SPLITS:
         vols = [v for v in plan if v["split"] == split]
-        write_csv(f"{out}/metadata/{meta}_metadata.csv",
-                  ["VolumeName", "Manufacturer", "SeriesDescription", "Rows", "Columns", "NumberofSlices",
-                   "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"],
-                  [[v["name"] + ".nii.gz", v["manufacturer"], v["series"], v["size"], v["size"], v["slices"],
-                    f"[{v['xy']}, {v['xy']}]", v["dz"], 1, -1024] for v in vols])
-        write_csv(f"{out}/multi_abnormality_labels/{lab}_predicted_labels.csv", ["VolumeName"] + LABELS,
-                  [[v["name"] + ".nii.gz"] + v["labels"] for v in vols])
+        meta = [[v["name"] + ".nii.gz", v["manufacturer"], v["series"], v["size"], v["size"], v["slices"],
+                 f"[{v['xy']}, {v['xy']}]", v["dz"], 1, -1024] for v in vols]
+        ctrate.write_tables(out, split, meta, [[v["name"] + ".nii.gz"] + v["labels"] for v in vols])
     labels = np.array([v["labels"] for v in plan])
     summary = dict(
         volumes={s: sum(v["split"] == s for v in plan) for s in ("train", "valid")},

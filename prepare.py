@@ -2,7 +2,7 @@
 prepare.py: a CT-RATE-shaped folder -> memory-mapped slices, masks, labels and an index.
 
 The first stage of DALE-CT (arXiv 2606.07775). It reads the NIfTI volumes of CT-RATE
-(or of phantom.py, which writes the same layout), puts every volume in Hounsfield units
+(or of phantom.py) through ctrate.py, the layout, puts every volume in Hounsfield units
 and in one orientation, crops it to the body, resamples it to `z_mm` between slices and
 `size` pixels a side, and writes each split as a few raw arrays that training samples
 from at random without loading them:
@@ -23,12 +23,11 @@ Run:   python prepare.py --src=data/phantom --out=data/prepared
        python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
 
 A crash or Ctrl-C loses at most the volumes in flight: the same command continues, and the
-manifest is written only when every volume is done (section 3).
+manifest is written only when every volume is done (section 2).
 """
 import csv
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -74,6 +73,11 @@ def normalize_hu(x):
     return (x.float().clamp(*HU_CLIP) - HU_MEAN) / HU_STD
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
 class PreparedError(Exception):
     """A prepared folder that cannot be read; the message says why and what to do."""
 
@@ -86,16 +90,14 @@ class PreparedSplit:
         if not os.path.exists(path):
             raise PreparedError(f"{root}: no manifest.json, so not a finished prepared dataset "
                                 f"(run `python prepare.py --out={root}`, or let an interrupted run finish)")
-        with open(path) as f:
-            self.manifest = manifest = json.load(f)
+        self.manifest = manifest = read_json(path)
         if manifest.get("format") != "dale-ct-prepared" or manifest.get("version") != FORMAT_VERSION:
             raise PreparedError(f"{path}: format {manifest.get('format')} v{manifest.get('version')}, this code "
                                 f"reads dale-ct-prepared v{FORMAT_VERSION}; prepare the data again")
         if split not in manifest["splits"]:
             raise PreparedError(f"{root}: no split {split!r}; it has {list(manifest['splits'])}")
         d = os.path.join(root, split)
-        with open(os.path.join(d, "volumes.json")) as f:
-            rows = json.load(f)
+        rows = read_json(os.path.join(d, "volumes.json"))
         self.split, self.rows = split, rows
         S = manifest["splits"][split]["slices"]
         shapes = array_shapes(manifest["size"], manifest["mask_size"])
@@ -137,8 +139,7 @@ class Config:
     size: int = setting(256, at_least(16))   # stored in-plane pixels a side, at least one ViT patch (RECIPE.md 4)
     mask_size: int = setting(128, at_least(1))  # stored mask pixels a side; DALE-CT keeps 128 (RECIPE.md 2)
     rex: str = ""                            # ReXGroundingCT (dataset.json, segmentations/); "" = SRC/rexgroundingct
-    val_patients: int = setting(1000, NONNEG)   # train patients held out as `val`; DALE-CT holds out 1,000
-                                                # (RECIPE.md 2), capped at a fifth of the train patients
+    val_patients: int = setting(1000, NONNEG)   # train patients held out as `val`, at most a fifth (RECIPE.md 2)
     seed: int = setting(0, NONNEG)           # seed of the patient split
     hu: str = setting("auto", one_of(*HU_SOURCES))  # HU scaling from: auto (the header if it has one, else the CSV)
     workers: int = setting(2, at_least(1))   # processes reading volumes
@@ -167,10 +168,7 @@ def hu_scaling(img, raw, job, how):
     header_scaled = (slope, inter) != (1.0, 0.0)
     source = how if how != "auto" else ("header" if header_scaled else "csv")
     if source == "csv":
-        try:
-            slope, inter = float(job["meta"]["RescaleSlope"]), float(job["meta"]["RescaleIntercept"])
-        except ValueError:
-            raise Reject(f"{job['path']}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
+        slope, inter = ctrate.csv_rescale(job["meta"], job["path"])
     if not slope > 0:
         raise Reject(f"{job['path']}: rescale slope {slope:g} from the {source}; expected a positive number")
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # integers cannot be NaN
@@ -193,23 +191,18 @@ def hu_scaling(img, raw, job, how):
     return slope, inter, source
 
 
-def parse_spacing(text):
-    return [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))]
-
-
 def geometry(img, job):
     """In-plane and z spacing in mm, whether array index z runs toward the head, and where that came from."""
     aff = img.affine
     header_known = not np.allclose(aff[:3, :3], np.eye(3))  # CT-RATE originals: identity = no spacing
-    csv_xy, csv_z = parse_spacing(job["meta"]["XYSpacing"]), parse_spacing(job["meta"]["ZSpacing"])
-    csv_ok = len(csv_xy) >= 1 and len(csv_z) == 1 and min(csv_xy + csv_z) > 0
+    listed = ctrate.csv_spacing(job["meta"])
     if header_known:
         xy, z = float(img.header.get_zooms()[0]), float(img.header.get_zooms()[2])
-        if csv_ok and (abs(xy - csv_xy[0]) > SPACING_TOL * xy or abs(z - csv_z[0]) > SPACING_TOL * z):
+        if listed and (abs(xy - listed[0]) > SPACING_TOL * xy or abs(z - listed[1]) > SPACING_TOL * z):
             raise Reject(f"{job['path']}: spacing disagreement: header says {xy:g} x {z:g} mm, metadata CSV says "
-                         f"{csv_xy[0]:g} x {csv_z[0]:g} mm; fix whichever is wrong")
-    elif csv_ok:
-        xy, z = csv_xy[0], csv_z[0]
+                         f"{listed[0]:g} x {listed[1]:g} mm; fix whichever is wrong")
+    elif listed:
+        xy, z = listed
     else:
         raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
                      f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
@@ -282,7 +275,7 @@ def crop_hu(vol, y0, x0, side, slope, inter):
 
 def slice_count(depth, z_src, z_mm):
     """Slices after resampling `depth` slices `z_src` mm apart to `z_mm`. The header alone gives it,
-    so every volume's place in the output is known before any voxel is read (section 3)."""
+    so every volume's place in the output is known before any voxel is read (section 2)."""
     return max(1, round(depth * z_src / z_mm))
 
 
@@ -346,29 +339,14 @@ def process_volume(job, cfg):
     n, m = len(zpos), cfg.mask_size
     anatomy = np.zeros((n, m, m), np.uint8)
     if job["anat"]:
-        _, a = load_nifti(job["anat"], "anatomy mask")
-        if a.shape != raw.shape:
-            raise Reject(f"{job['anat']}: anatomy mask shape {a.shape} does not match its image {raw.shape}; "
-                         f"regenerate the TotalSegmentator mask for this volume")
-        if a.min() < 0 or a.max() >= N_ANATOMY:
-            raise Reject(f"{job['anat']}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
+        a = ctrate.read_anatomy(job["anat"], raw.shape)
         anatomy = resample_mask(a, flip_z, box, zpos, m).astype(np.uint8, copy=False)
     abnormal = np.zeros((n, m, m), np.uint16)  # bit c: a ReXGroundingCT finding of category c
     entry = job["rex"]
     if entry and entry.get("categories"):
-        if not os.path.exists(job["rex_path"]):
-            raise Reject(f"{job['rex_path']}: dataset.json lists findings for {job['name']} but the mask file is "
-                         f"missing; restore it or drop the entry")
-        _, r = load_nifti(job["rex_path"], "abnormality mask")
-        r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z)
-        if r.ndim != 4 or r.shape[1:] != raw.shape:
-            raise Reject(f"{job['rex_path']}: abnormality mask shape {r.shape} does not match its image {raw.shape} "
-                         f"(expected (findings, X, Y, Z))")
+        r = ctrate.read_findings(job["rex_path"], entry, raw.shape)
         small = resample_mask(r, flip_z, box, zpos, m) > 0  # (F, n, m, m)
         for f, code in entry["categories"].items():
-            if int(f) >= r.shape[0]:
-                raise Reject(f"{job['rex_path']}: finding {f} listed in dataset.json but the mask has "
-                             f"{r.shape[0]} channel(s)")
             bit = np.uint16(1 << ABNORMALITY_CODES.index(code))
             np.bitwise_or(abnormal, bit, out=abnormal, where=small[int(f)])  # in place, no temporaries
     depth_mm = np.arange(n, dtype=np.float32) * cfg.z_mm
@@ -382,15 +360,13 @@ def process_volume(job, cfg):
 
 
 # -----------------------------------------------------------------------------
-# 3. Writing in place: each volume goes straight into its rows of its split's arrays
+# 2. The resumable writer: each volume goes straight into its rows of its split's arrays
 #
-# A volume's slice count follows from its header alone (slice_count), so before any voxel is
-# read the main process gives every volume its rows, a "slot", in staged split arrays
-# OUT/.staging/{split}.slices.i16 etc., volumes in name order. A worker writes its volume into its
-# slot, then drops a marker OUT/.staging/done/NAME.json holding the volume's table row. The marker
-# comes after the data and appears atomically, so a marker means a complete slot: a re-run skips
-# those volumes and redoes the others (a half-written slot is simply written again). A volume
-# rejected on the way leaves its slot empty, a hole that assembly closes (section 4).
+# A volume's slice count follows from its header alone (slice_count), so before any voxel is read
+# every volume gets its rows, a "slot", in staged arrays OUT/.staging/{split}.slices.i16 etc., in
+# name order. A worker fills its slot, then atomically drops OUT/.staging/done/NAME.json, its table
+# row: a marker means a whole slot, so a re-run redoes only the volumes without one. A volume
+# rejected on the way leaves its slot empty, a hole that assembly closes.
 
 def discover(cfg):
     """The source folder's volumes as jobs, and the rejects found without opening a file."""
@@ -452,9 +428,8 @@ def open_staging(stage, layout):
     volumes; another layout (the source folder changed since) makes it start over."""
     layout_path = os.path.join(stage, "layout.json")
     if os.path.exists(layout_path):
-        with open(layout_path) as f:
-            if json.load(f) == layout:
-                return
+        if read_json(layout_path) == layout:
+            return
         print(f"{stage}: the source folder changed since the interrupted run; starting over")
     shutil.rmtree(os.path.join(stage, "done"), ignore_errors=True)  # markers first: none may outlive its slot
     for split in SPLITS:
@@ -502,22 +477,12 @@ def work(args):
     except Exception as e:  # one odd file must not stop a 50,000-volume run: reject it, say what happened
         return job["name"], job["path"], f"unexpected {type(e).__name__} while preparing it: {e}"
     write_slot(stage, job, out)
-    # after the data, atomic: a marker always means a whole slot
-    atomic_write_text(done_path(stage, job["name"]), json.dumps(out["row"]))
+    atomic_write_text(done_path(stage, job["name"]), json.dumps(out["row"]))  # last: a marker means a whole slot
     return job["name"], job["path"], None
 
 
 # -----------------------------------------------------------------------------
-# 4. Assembly: staged arrays -> OUT/{split}/, manifest last
-
-def link_or_copy(src, dst):
-    """dst names the same bytes as src: a hard link (no copy, no disk), or a copy where the file
-    system has none. The staged file is never written again, so linking it is safe."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
+# 3. Assembly: staged arrays -> OUT/{split}/, manifest last
 
 def assemble(cfg, stage, layout, rows, params):
     """The staged arrays become the splits; `rows` holds the finished volumes' table rows by name.
@@ -545,7 +510,10 @@ def assemble(cfg, stage, layout, rows, params):
         for k, (fn, dt) in ARRAYS.items():
             src, dst = staged_array(stage, split, k), os.path.join(tmp_dir, fn)
             if not holes:
-                link_or_copy(src, dst)
+                try:  # no copy and no disk; the staged file is never written again, so linking it is safe
+                    os.link(src, dst)
+                except OSError:  # a file system without hard links
+                    shutil.copyfile(src, dst)
                 continue
             staged = np.memmap(src, dt, "r", shape=(os.path.getsize(src) // nbytes[k], *shapes[k]))
             final = np.memmap(dst, dt, "w+", shape=(max(total, 1), *shapes[k]))
@@ -570,9 +538,7 @@ def assemble(cfg, stage, layout, rows, params):
 
 def write_rejects(cfg, rejects):
     with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "path", "reason"])
-        w.writerows(sorted(rejects))
+        csv.writer(f).writerows([["name", "path", "reason"]] + sorted(rejects))
 
 
 def check_settings(cfg, params):
@@ -580,8 +546,7 @@ def check_settings(cfg, params):
     interrupted run with the same settings (None: go on)."""
     manifest_path = os.path.join(cfg.out, "manifest.json")
     if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            old = json.load(f)
+        old = read_json(manifest_path)
         if all(old.get(k) == v for k, v in params.items()):
             print(f"{cfg.out}: already prepared with these settings ({manifest_path}); nothing to do")
             return old
@@ -591,10 +556,9 @@ def check_settings(cfg, params):
     os.makedirs(stage, exist_ok=True)
     params_path = os.path.join(stage, "params.json")
     if os.path.exists(params_path):
-        with open(params_path) as f:
-            if json.load(f) != params:
-                raise SystemExit(f"{stage} holds an interrupted run with other settings; rerun with those "
-                                 f"settings to finish it, or delete {stage}")
+        if read_json(params_path) != params:
+            raise SystemExit(f"{stage} holds an interrupted run with other settings; rerun with those "
+                             f"settings to finish it, or delete {stage}")
     else:
         atomic_write_text(params_path, json.dumps(params))
     return None
@@ -655,11 +619,8 @@ def prepare(cfg, progress=True):
         bar.close()
         if pool:
             pool.shutdown(wait=False, cancel_futures=True)
-    rows = {}
-    for j in jobs:
-        if os.path.exists(done_path(stage, j["name"])):
-            with open(done_path(stage, j["name"])) as f:
-                rows[j["name"]] = json.load(f)
+    rows = {j["name"]: read_json(done_path(stage, j["name"])) for j in jobs
+            if os.path.exists(done_path(stage, j["name"]))}
     write_rejects(cfg, rejects)
     manifest = assemble(cfg, stage, layout, rows, params)
     if not cfg.keep_staging:

@@ -21,6 +21,7 @@ from multiprocessing import get_context
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
+import ctrate  # noqa: E402
 import prepare  # noqa: E402
 from common import at_least, parse_config, setting  # noqa: E402
 from phantom import write_phantom  # noqa: E402
@@ -41,7 +42,7 @@ def load(path):
 
 def gunzip(path):
     with open(path, "rb") as f:
-        return len(prepare.gunzip(f.read()))
+        return len(ctrate.gunzip(f.read()))
 
 
 def timed(fn, files, workers):

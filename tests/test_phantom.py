@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import ctrate
 import phantom
 from common import parse_config
 from conftest import PHANTOMS
@@ -182,7 +183,7 @@ def test_finding_masks(ds):
         n = sum(s == split for s, _, _ in vols.values())
         assert len(rex[split]) == max(1, round(TINY["rex_frac"] * n))
     label_of = {}
-    for k, c in phantom.CATEGORY.items():
+    for k, c in ctrate.CATEGORY.items():
         label_of.setdefault(c, []).append(phantom.LABELS.index(k))
     assert len(label_of) == 14
     for entry in rex["train"] + rex["valid"]:
@@ -190,7 +191,7 @@ def test_finding_masks(ds):
         n_findings = len(entry["findings"])
         assert set(entry["categories"]) == set(entry["findings"]) == {str(i) for i in range(n_findings)}
         # one finding per positive label that has a category
-        assert n_findings == sum(labels[phantom.LABELS.index(k)] for k in phantom.CATEGORY)
+        assert n_findings == sum(labels[phantom.LABELS.index(k)] for k in ctrate.CATEGORY)
         path = out / "rexgroundingct/segmentations" / name
         if n_findings == 0:
             assert not path.exists()

@@ -1,0 +1,345 @@
+"""
+ctrate.py: the CT-RATE layout: file names and folders, the CSVs, the ReXGroundingCT dataset.json,
+NIfTI reading and writing. phantom.py writes this layout and prepare.py reads it, both through the
+functions here, so that where a file lives is written down once (RECIPE.md 2):
+
+    {split}_fixed/{split}_{p}/{split}_{p}_{s}/{split}_{p}_{s}_{r}.nii.gz   volumes; originals under {split}/
+    metadata/{train,validation}_metadata.csv                               spacing and rescale, a row a volume
+    multi_abnormality_labels/{train,valid}_predicted_labels.csv            the 18 binary labels
+    ts_seg/ts_total/{split}_fixed/{p folder}/{s folder}/{name}.nii.gz      TotalSegmentator "total" label map
+    rexgroundingct/dataset.json, rexgroundingct/segmentations/{name}.nii.gz   ReXGroundingCT finding masks
+
+split is CT-RATE's `train` or `valid`; p, s and r number the patient, the scan (a, b, ...) and the
+reconstruction. Volumes are NIfTI arrays in (X, Y, Z) order.
+"""
+import csv
+import gzip
+import json
+import os
+import re
+import zlib
+
+import numpy as np
+
+from common import ABNORMALITY_CODES, LABELS, N_ANATOMY
+
+SPLITS = ("train", "valid")
+NAME_RE = re.compile(r"^(train|valid)_(\d+)_([a-z]+)_(\d+)$")
+META_COLUMNS = ["VolumeName", "Manufacturer", "SeriesDescription", "Rows", "Columns", "NumberofSlices",
+                "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"]
+META_NEEDED = ["VolumeName", "XYSpacing", "ZSpacing", "RescaleSlope", "RescaleIntercept"]
+# ReXGroundingCT's category of each CT-RATE label it grounds; three labels have none (RECIPE.md 2).
+CATEGORY = {
+    "Arterial wall calcification": "1a", "Coronary artery wall calcification": "1a",
+    "Cardiomegaly": "1b", "Pericardial effusion": "1c", "Hiatal hernia": "1d",
+    "Emphysema": "1e", "Atelectasis": "1f", "Lung nodule": "2a", "Lung opacity": "2b",
+    "Pulmonary fibrotic sequela": "2c", "Pleural effusion": "2d",
+    "Peribronchial thickening": "2e", "Consolidation": "2f", "Bronchiectasis": "2g",
+    "Interlobular septal thickening": "2h",
+}
+# The top-level folders of a layout: a writer that replaces one removes them all.
+FOLDERS = ["train_fixed", "valid_fixed", "metadata", "multi_abnormality_labels", "ts_seg", "rexgroundingct"]
+
+
+class Reject(Exception):
+    """A volume that cannot be used; the message says what is wrong and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# Names and paths: one function per pattern, for the writer and the reader alike
+
+def strip_ext(name):
+    return re.sub(r"\.nii(\.gz)?$", "", os.path.basename(name.strip()))
+
+
+def natural_key(s):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def volume_path(name):
+    """Where volume `name` sits inside its split's image folder."""
+    split, p, scan, _ = NAME_RE.match(name).groups()
+    return os.path.join(f"{split}_{p}", f"{split}_{p}_{scan}", name + ".nii.gz")
+
+
+def image_folders(root, split):
+    """The image folders a split may have, the `_fixed` copies first (RECIPE.md 2)."""
+    return [os.path.join(root, f"{split}_fixed"), os.path.join(root, split)]
+
+
+def anatomy_path(root, split, rel):
+    """The TotalSegmentator map of the image at `rel` inside an image folder: under {split}_fixed/
+    whichever copy of the images is read (RECIPE.md 2)."""
+    return os.path.join(root, "ts_seg", "ts_total", f"{split}_fixed", rel)
+
+
+def rex_folder(root):
+    return os.path.join(root, "rexgroundingct")
+
+
+def rex_mask_path(rex_dir, name):
+    return os.path.join(rex_dir, "segmentations", name + ".nii.gz")
+
+
+def meta_csv(split):
+    """Relative path of a split's metadata CSV; CT-RATE spells `valid` out here (RECIPE.md 2)."""
+    return f"metadata/{'validation' if split == 'valid' else split}_metadata.csv"
+
+
+def labels_csv(split):
+    return f"multi_abnormality_labels/{split}_predicted_labels.csv"
+
+
+# -----------------------------------------------------------------------------
+# Reading: the CSVs, dataset.json, and which volumes a folder holds
+
+def read_csv_rows(path, required):
+    """{VolumeName without extension: [rows]} of a CSV and its columns, after checking them."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: missing. A CT-RATE folder has metadata/ and multi_abnormality_labels/ CSVs; "
+                         f"check --src.")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        missing = [c for c in required if c not in cols]
+        if missing:
+            raise SystemExit(f"{path}: missing column(s) {missing}; it has {cols}. Is this a CT-RATE CSV?")
+        rows = {}
+        for row in reader:
+            rows.setdefault(strip_ext(row["VolumeName"]), []).append(row)
+    return rows, cols
+
+
+def read_labels(path):
+    rows, cols = read_csv_rows(path, ["VolumeName"] + LABELS)
+    unknown = [c for c in cols if c not in LABELS and c != "VolumeName"]
+    if unknown:  # a renamed or extra class would silently shift meaning: refuse the file
+        raise SystemExit(f"{path}: unknown label column(s) {unknown}. Expected VolumeName and the 18 CT-RATE "
+                         f"columns {LABELS}; fix the header or drop the extra columns.")
+    return rows
+
+
+def label_values(row, path):
+    """The 18 labels of a labels-CSV row as ints."""
+    labels = []
+    for c in LABELS:
+        v = row[c].strip()
+        if v not in ("0", "1", "0.0", "1.0"):
+            raise Reject(f"{path}: label {c!r} is {v!r}, expected 0 or 1; fix its row in the labels CSV")
+        labels.append(int(float(v)))
+    return labels
+
+
+def parse_numbers(text):
+    return [float(v) for v in re.findall(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?", str(text))]
+
+
+def csv_spacing(row):
+    """(in-plane, z) mm of a metadata row, or None where its text is unusable; XYSpacing is text such
+    as "[0.75, 0.75]" (RECIPE.md 2)."""
+    xy, z = parse_numbers(row["XYSpacing"]), parse_numbers(row["ZSpacing"])
+    return (xy[0], z[0]) if len(xy) >= 1 and len(z) == 1 and min(xy + z) > 0 else None
+
+
+def csv_rescale(row, path):
+    """(slope, intercept) of a metadata row."""
+    try:
+        return float(row["RescaleSlope"]), float(row["RescaleIntercept"])
+    except ValueError:
+        raise Reject(f"{path}: RescaleSlope/RescaleIntercept in the metadata CSV are not numbers")
+
+
+def read_rex(rex_dir):
+    """ReXGroundingCT index {name: entry}. dataset.json is a list of entries or a dict of lists (per split)."""
+    path = os.path.join(rex_dir, "dataset.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    entries = [e for v in data.values() for e in v] if isinstance(data, dict) else data
+    index = {}
+    for e in entries:
+        name = strip_ext(e["name"])
+        if name in index:
+            raise SystemExit(f"{path}: volume {name} appears twice; keep one entry per scan.")
+        for code in e.get("categories", {}).values():
+            if code not in ABNORMALITY_CODES:
+                raise SystemExit(f"{path}: {name} has unknown category {code!r}; known: {ABNORMALITY_CODES}")
+        index[name] = e
+    return index
+
+
+def find_images(folder):
+    """{name: [paths]} of the NIfTI files anywhere under folder."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for fn in files:
+            if fn.endswith((".nii.gz", ".nii")):
+                found.setdefault(strip_ext(fn), []).append(os.path.join(root, fn))
+    return found
+
+
+def scan(src, rex_dir):
+    """Every usable volume of a CT-RATE folder as a dict (name, patient, src_split, path, its meta and
+    labels CSV rows, anat: its anatomy map or None, rex and rex_path: its dataset.json entry and mask
+    or None), and the others as (name, path, reason), found without opening a volume."""
+    rex = read_rex(rex_dir)
+    volumes, rejects = [], []
+    for split in SPLITS:
+        folder = next((d for d in image_folders(src, split) if os.path.isdir(d)), None)
+        if folder is None:
+            continue
+        meta = read_csv_rows(os.path.join(src, meta_csv(split)), META_NEEDED)[0]
+        labels = read_labels(os.path.join(src, labels_csv(split)))
+        found = find_images(folder)
+        for name in sorted(found, key=natural_key):
+            paths = found[name]
+            m = NAME_RE.match(name)
+            n_meta, n_labels = len(meta.get(name, [])), len(labels.get(name, []))
+            reason = None
+            if len(paths) > 1:
+                reason = f"duplicate volume name: found at {paths}; keep one copy"
+            elif not m or m.group(1) != split:
+                reason = f"name {name!r} is not {split}_<patient>_<scan>_<recon>; rename it as CT-RATE does"
+            elif n_meta != 1:
+                reason = f"{n_meta} rows for it in {meta_csv(split)} (need exactly one); add or deduplicate its row"
+            elif n_labels != 1:
+                reason = f"{n_labels} rows for it in {labels_csv(split)} (need exactly one); add or deduplicate its row"
+            if reason:
+                rejects.append((name, paths[0], reason))
+                continue
+            anat = anatomy_path(src, split, os.path.relpath(paths[0], folder))
+            entry = rex.get(name)
+            volumes.append(dict(name=name, patient=f"{split}_{m.group(2)}", src_split=split, path=paths[0],
+                                meta=meta[name][0], labels=labels[name][0],
+                                anat=anat if os.path.exists(anat) else None, rex=entry,
+                                rex_path=rex_mask_path(rex_dir, name) if entry else None))
+    return volumes, rejects
+
+
+# -----------------------------------------------------------------------------
+# NIfTI
+
+def gunzip(blob):
+    """The whole .gz in one call, where nibabel streams it through the gzip module in 8 KiB pieces.
+    zlib checks the gzip CRC and length; a file of several gzip members (bgzip), of which zlib
+    reads only the first, goes the slow way."""
+    z = zlib.decompressobj(wbits=31)  # 31 = 16 + 15: deflate inside a gzip header and trailer
+    data = z.decompress(blob)
+    if not z.eof:
+        raise EOFError("compressed stream ends early")
+    return gzip.decompress(blob) if z.unused_data.strip(b"\0") else data
+
+
+def load_nifti(path, what):
+    """(image, stored voxels) of a NIfTI file. nibabel parses the header (offset, dtype and byte
+    order, shape, scaling); the voxels are a read-only view of the decompressed bytes, not a copy."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+    from nibabel.wrapstruct import WrapStructError
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        data = gunzip(data) if path.endswith(".gz") else data
+        klass = nib.Nifti2Image if nib.Nifti2Header.may_contain_header(data[:540]) else nib.Nifti1Image
+        img = klass.from_bytes(data)
+        proxy = img.dataobj
+        raw = np.frombuffer(data, proxy.dtype, int(np.prod(proxy.shape)), proxy.offset)
+        raw = raw.reshape(proxy.shape, order=proxy.order)  # NIfTI order (X, Y, Z, ...), Fortran layout
+    except (OSError, EOFError, zlib.error, ValueError, ImageFileError, HeaderDataError, WrapStructError) as e:
+        raise Reject(f"cannot read {what} {path} ({type(e).__name__}: {e}); the file is truncated or corrupt: "
+                     f"download it again")
+    return img, raw
+
+
+def read_anatomy(path, shape):
+    """A TotalSegmentator "total" map, checked against its image's shape and the 118 labels."""
+    _, a = load_nifti(path, "anatomy mask")
+    if a.shape != shape:
+        raise Reject(f"{path}: anatomy mask shape {a.shape} does not match its image {shape}; "
+                     f"regenerate the TotalSegmentator mask for this volume")
+    if a.min() < 0 or a.max() >= N_ANATOMY:
+        raise Reject(f"{path}: label values {a.min()}..{a.max()} outside TotalSegmentator total's 0..117")
+    return a
+
+
+def read_findings(path, entry, shape):
+    """A ReXGroundingCT mask as (F, X, Y, Z), checked against its image's shape and its dataset.json entry."""
+    if not os.path.exists(path):
+        raise Reject(f"{path}: dataset.json lists findings for {strip_ext(entry['name'])} but the mask file is "
+                     f"missing; restore it or drop the entry")
+    _, r = load_nifti(path, "abnormality mask")
+    r = r[None] if r.ndim == 3 else r  # a single finding may come as (X, Y, Z) (RECIPE.md 2)
+    if r.ndim != 4 or r.shape[1:] != shape:
+        raise Reject(f"{path}: abnormality mask shape {r.shape} does not match its image {shape} "
+                     f"(expected (findings, X, Y, Z))")
+    for f in entry["categories"]:
+        if int(f) >= r.shape[0]:
+            raise Reject(f"{path}: finding {f} listed in dataset.json but the mask has {r.shape[0]} channel(s)")
+    return r
+
+
+def save_nifti(path, array, affine, inter=None):
+    """NIfTI-1, gzipped with a zero timestamp so that the same data gives the
+    same bytes. inter=None leaves scl_slope/scl_inter unset (NaN: no scaling)."""
+    import nibabel as nib
+    img = nib.Nifti1Image(array, affine)
+    if inter is not None:
+        img.header.set_slope_inter(1.0, inter)
+    data = bytearray(img.to_bytes())
+    if inter is None:   # nibabel writes (1, 0) for unscaled ints; CT-RATE's originals leave them unset
+        data[112:120] = np.array([np.nan, np.nan], "<f4").tobytes()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(gzip.compress(bytes(data), compresslevel=1, mtime=0))
+
+
+# -----------------------------------------------------------------------------
+# Writing a folder in the layout
+
+def write_volume(root, name, image, spacing, original, anatomy=None, findings=None):
+    """One volume's files: the image (X, Y, Z) with an original's header (identity affine, no scaling)
+    or a `_fixed` one (spacing (xy, z) mm in the affine, z index toward the head, scl_inter -1024) as in
+    RECIPE.md 2; the anatomy map unless None; unless findings ({label: (mask, text)}) is None, the masks
+    of the labels that have a ReXGroundingCT category. Returns the dataset.json entry (or None)."""
+    xy, dz = spacing
+    if original:
+        affine, inter = np.eye(4), None
+    else:
+        affine = np.diag([-xy, -xy, dz, 1.0])
+        affine[:3, 3] = (xy * (image.shape[0] - 1) / 2, xy * (image.shape[1] - 1) / 2, 0.0)
+        inter = -1024.0
+    split, rel = NAME_RE.match(name).group(1), volume_path(name)
+    save_nifti(os.path.join(image_folders(root, split)[0], rel), image, affine, inter)
+    if anatomy is not None:
+        save_nifti(anatomy_path(root, split, rel), anatomy, affine)
+    if findings is None:
+        return None
+    labels = [k for k in LABELS if k in findings and k in CATEGORY]
+    if labels:  # one finding is stored as (X, Y, Z), several as (F, X, Y, Z) (RECIPE.md 2)
+        masks = np.stack([findings[k][0] for k in labels]).astype(np.uint8)
+        save_nifti(rex_mask_path(rex_folder(root), name), masks[0] if len(labels) == 1 else masks, affine)
+    return {"name": name + ".nii.gz", "findings": {str(i): findings[k][1] for i, k in enumerate(labels)},
+            "categories": {str(i): CATEGORY[k] for i, k in enumerate(labels)}}
+
+
+def write_csv(path, header, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_tables(root, split, meta_rows, label_rows):
+    """A split's metadata CSV (META_COLUMNS) and labels CSV (VolumeName, then LABELS)."""
+    write_csv(os.path.join(root, meta_csv(split)), META_COLUMNS, meta_rows)
+    write_csv(os.path.join(root, labels_csv(split)), ["VolumeName"] + LABELS, label_rows)
+
+
+def write_rex(root, entries):
+    """rexgroundingct/dataset.json: {split: [entry, ...]}."""
+    os.makedirs(rex_folder(root), exist_ok=True)
+    with open(os.path.join(rex_folder(root), "dataset.json"), "w") as f:
+        json.dump(entries, f, indent=1)
