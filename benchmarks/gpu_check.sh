@@ -34,7 +34,7 @@ stamp "1. fused SIGReg: check and benchmark"
 timeout "${SIGREG_LIMIT:-200}" $PY kernels/sigreg.py 2>&1 | tee "$OUTD/sigreg.txt"
 
 stamp "2. timm: our ViT-L state dict in timm's VisionTransformer"
-timeout 120 $PY benchmarks/timm_check.py large 2>&1 | tee "$OUTD/timm.txt"
+timeout 120 $PY benchmarks/timm_check.py --vit=large 2>&1 | tee "$OUTD/timm.txt"
 
 stamp "3. train.py throughput at the DALE-CT-2S shapes"
 wait $data || { echo "512 px data failed:"; tail -5 "$OUTD/data512.log"; }

@@ -2,22 +2,31 @@
 benchmarks/timm_check.py: our ViT's state dict loads into timm's VisionTransformer with strict key
 checks and gives the same features, and timm's loads back into ours (model.py's claim).
 
-    pip install timm && python benchmarks/timm_check.py      # CPU or GPU; float32, tf32 off
+    pip install timm && python benchmarks/timm_check.py --vit=large      # CPU or GPU; float32, tf32 off
 
 timm is not a dependency of this repo (tests/test_model.py checks the key format from timm's naming
 rules without it); this script is where the claim meets timm itself. It exits non-zero on a
 mismatch.
 """
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import POSITIVE, at_least, one_of, parse_config, setting  # noqa: E402
 from model import VIT_SIZES, build_vit, load_backbone  # noqa: E402
 
 TIMM_NAMES = {"tiny": None, "small": "vit_small_patch16_224", "base": "vit_base_patch16_224",
               "large": "vit_large_patch16_224"}
+
+
+@dataclass
+class Check:
+    vit: str = setting("large", one_of("small", "base", "large"))  # a size timm has a model of
+    img_size: int = setting(256, at_least(16))  # the stored position grid
+    tol: float = setting(1e-4, POSITIVE)        # worst relative token difference allowed
 
 
 def main(size="large", img_size=256, tol=1e-4):
@@ -58,4 +67,6 @@ def main(size="large", img_size=256, tol=1e-4):
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(*(sys.argv[1:2] or ["large"])) else 1)
+    argv = [a if a.startswith("--") else f"--vit={a}" for a in sys.argv[1:]]  # `timm_check.py large` still works
+    cfg = parse_config(Check, argv, "timm_check.py")
+    sys.exit(0 if main(cfg.vit, cfg.img_size, cfg.tol) else 1)
