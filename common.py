@@ -10,6 +10,7 @@ common.py: what every script shares, so that each stage file holds only its meth
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
@@ -284,6 +285,18 @@ class StepLog:
 
 # -----------------------------------------------------------------------------
 # Files
+
+
+def remove_owned(folder, own):
+    """Delete a folder that this code wrote (it holds only files named in `own`), and nothing else:
+    a folder with any other file stops the run, so no setting can delete data the code did not create."""
+    if not os.path.lexists(folder):
+        return
+    foreign = sorted(set(os.listdir(folder)) - set(own)) if os.path.isdir(folder) else [os.path.basename(folder)]
+    if foreign:
+        raise SystemExit(f"{folder}: holds files this code did not write ({', '.join(foreign[:3])}); "
+                         f"it would replace this folder, so pick another output folder")
+    shutil.rmtree(folder)
 
 
 def atomic_write_text(path, text):

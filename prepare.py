@@ -1,11 +1,9 @@
 """
 prepare.py: a CT-RATE-shaped folder -> memory-mapped slices, masks, labels and an index.
 
-The first stage of DALE-CT (arXiv 2606.07775). It reads the NIfTI volumes of CT-RATE
-(or of phantom.py) through ctrate.py, the layout, puts every volume in Hounsfield units
-and in one orientation, crops it to the body, resamples it to `z_mm` between slices and
-`size` pixels a side, and writes each split as a few raw arrays that training samples
-from at random without loading them:
+The first stage of DALE-CT (arXiv 2606.07775): CT-RATE's volumes (or phantom.py's), read through
+ctrate.py, in Hounsfield units and one orientation, cropped to the body, resampled to `z_mm` between
+slices and `size` pixels a side, each split as a few raw arrays that training samples from at random:
 
     OUT/manifest.json              written last: a folder without it is not a dataset
     OUT/{split}/slices.i16         int16 HU                       (S, size, size)
@@ -15,13 +13,11 @@ from at random without loading them:
     OUT/{split}/volumes.json       one row per volume: where its slices are, labels, flags
     OUT/rejects.csv                every volume left out, with the reason
 
-Splits: `train` and `val` (held-out train *patients*, for probe selection) come from
-CT-RATE `train`; `test` is CT-RATE `valid`. Slices of a volume are contiguous, the first
-one is the most superior (lung apex end). The reader, `open_split(OUT, split)`, comes first.
+Splits: `train` and `val` (held-out train *patients*) come from CT-RATE `train`, `test` is CT-RATE
+`valid`. A volume's slices are contiguous, the first the most superior. The reader `open_split` comes first.
 
-Run:   python prepare.py --src=data/phantom --out=data/prepared
-       python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
-
+    python prepare.py --src=data/phantom --out=data/prepared
+    python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
 A crash or Ctrl-C loses at most the volumes in flight: the same command continues, and the
 manifest is written only when every volume is done (section 2).
 """
@@ -42,7 +38,7 @@ import torch.nn.functional as F
 
 import ctrate
 from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, at_least,
-                    atomic_write_text, describe, one_of, parse_config, setting)
+                    atomic_write_text, describe, one_of, parse_config, remove_owned, setting)
 from ctrate import Reject, load_nifti, natural_key
 
 # -----------------------------------------------------------------------------
@@ -51,6 +47,7 @@ from ctrate import Reject, load_nifti, natural_key
 FORMAT_VERSION = 1
 ARRAYS = {"slices": ("slices.i16", np.int16), "anatomy": ("anatomy.u8", np.uint8),
           "abnormal": ("abnormal.u16", np.uint16), "depth": ("depth.f32", np.float32)}
+OWN_FILES = {fn for fn, _ in ARRAYS.values()} | {"volumes.json"}  # what a split folder may hold
 # Intensity normalisation: clip, then z-score with CT-RATE foreground statistics (RECIPE.md 2).
 HU_CLIP = (-997.0, 888.0)
 HU_MEAN, HU_STD = -142.39, 360.97
@@ -147,8 +144,10 @@ class Config:
     keep_staging: bool = False               # keep OUT/.staging after success (debugging)
 
     def problems(self):
-        same = os.path.abspath(self.src) == os.path.abspath(self.out)
-        return [f"--out={self.out} is the source folder; pick another --out"] if same else []
+        src, out = os.path.realpath(self.src), os.path.realpath(self.out)
+        if src == out or src.startswith(out + os.sep) or out.startswith(src + os.sep):  # OUT/train would be SRC's
+            yield (f"--out={self.out} and --src={self.src} overlap (one holds the other); prepare writes and replaces "
+                   f"OUT/train, OUT/val, OUT/test: pick an --out outside the source folder")
 
 
 # -----------------------------------------------------------------------------
@@ -499,7 +498,7 @@ def assemble(cfg, stage, layout, rows, params):
                 placed.append((name, start, total, count))
                 total += count
         tmp_dir = os.path.join(cfg.out, split + ".tmp")
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        remove_owned(tmp_dir, OWN_FILES)
         os.makedirs(tmp_dir)
         holes = len(placed) < len(slots)
         need, free = total * sum(nbytes.values()), shutil.disk_usage(cfg.out).free
@@ -525,7 +524,7 @@ def assemble(cfg, stage, layout, rows, params):
         with open(os.path.join(tmp_dir, "volumes.json"), "w") as f:
             json.dump(table, f)
         final_dir = os.path.join(cfg.out, split)
-        shutil.rmtree(final_dir, ignore_errors=True)
+        remove_owned(final_dir, OWN_FILES)
         os.replace(tmp_dir, final_dir)
         counts[split] = dict(volumes=len(table), slices=total, patients=len({r["patient"] for r in table}))
     manifest = dict(format="dale-ct-prepared", **params, labels=LABELS,
@@ -569,6 +568,8 @@ def prepare(cfg, progress=True):
     from tqdm import tqdm
     if cfg.hu not in HU_SOURCES:  # a Config made in code has not passed the command line's checks
         raise SystemExit(f"--hu={cfg.hu}: use auto, header or csv")
+    for problem in cfg.problems():
+        raise SystemExit(problem)
     params = dict(src=os.path.abspath(cfg.src), z_mm=cfg.z_mm, size=cfg.size, mask_size=cfg.mask_size,
                   hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
                   seed=cfg.seed, version=FORMAT_VERSION)

@@ -474,5 +474,36 @@ def test_settings_spellings(tmp_path):
     assert (cfg.keep_staging, cfg.strict, cfg.z_mm, cfg.size) == (True, True, 2.5, 64)
     cfg = parse_config(Config, ["--keep-staging=false", "--strict=no"], "prepare.py")
     assert (cfg.keep_staging, cfg.strict) == (False, False)
-    with pytest.raises(SystemExit, match="--out=.*source folder"):  # a cross-setting check: out must not be src
+    with pytest.raises(SystemExit, match="--out=.*overlap"):  # a cross-setting check: out must not be src
         prepare.main([f"--src={tmp_path}", f"--out={tmp_path}"])
+
+
+def source_files(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_out_overlapping_src_is_refused_before_anything_is_written(phantom_src, tmp_path, where):
+    """--out=SRC deleted SRC's train/valid/test-named folders; so did an --out above SRC. Refused, every
+    source byte kept, nothing written; also through a relative spelling and a symlink."""
+    par = tmp_path / "par"
+    src = par / "test"  # a source folder named like a split: OUT/test would have been it
+    shutil.copytree(phantom_src, src)
+    before = source_files(par)
+    link = tmp_path / "link"
+    link.symlink_to(par)
+    out = {"same": src, "parent": link, "inside": src / "prepared"}[where]
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f"--src={os.path.relpath(src)}", f"--out={out}", "--size=40", "--z_mm=4", "--workers=1"])
+    assert "overlap" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert source_files(par) == before
+
+
+def test_a_foreign_split_folder_is_never_deleted(phantom_src, tmp_path):
+    """prepare replaces OUT/train, OUT/val, OUT/test; one that holds a file prepare did not write stops it."""
+    out = tmp_path / "out"
+    (out / "test").mkdir(parents=True)
+    (out / "test" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="did not write.*notes.txt"):
+        prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    assert (out / "test" / "notes.txt").read_text() == "mine"
