@@ -157,6 +157,8 @@ BODY_HU = -500.0      # body = HU above this (RECIPE.md 7)
 BODY_OPEN_MM = 19.0   # opening window: RECIPE.md 7's 25 px at CT-RATE's typical 0.75 mm
 AIR_RANGE = (-1100.0, -900.0)  # where air must sit once in HU, or the HU decision was wrong
 SPACING_TOL = 0.02    # header and CSV spacing may differ by 2% before we call it a disagreement
+# Plausible CT geometry, wide enough for downsampled copies (the phantom's 64 px); README: bad inputs
+SPACING_MM, FOV_MM, LENGTH_MM = (0.05, 30.0), (50.0, 1000.0), 2500.0
 
 
 def hu_scaling(img, raw, job, how):
@@ -205,6 +207,11 @@ def geometry(img, job):
     else:
         raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
                      f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
+    fov, length = xy * img.shape[0], z * img.shape[2]
+    if not (SPACING_MM[0] <= min(xy, z) and max(xy, z) <= SPACING_MM[1] and FOV_MM[0] <= fov <= FOV_MM[1]
+            and length <= LENGTH_MM):
+        raise Reject(f"{job['path']}: implausible spacing {xy:g} x {z:g} mm ({fov:g} mm across, {length:g} mm long); "
+                     f"CT spacing lies in {SPACING_MM[0]:g}-{SPACING_MM[1]:g} mm: fix XYSpacing/ZSpacing or the header")
     # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
     # (RAS); we flip such volumes so that slice 0 is always the most superior one. An identity affine
     # carries no direction: we then assume the same (index up = superior) and say so in the table.

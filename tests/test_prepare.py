@@ -247,6 +247,27 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     assert not (tmp_path / "strict" / "manifest.json").exists()
 
 
+def test_implausible_spacing_is_a_reject_naming_the_volume(phantom_src, tmp_path):
+    """ZSpacing 500 made a 16-slice volume thousands of slices, 1e-4 one slice, XYSpacing 500 stored
+    kilometres of field of view, 1e6 refused the whole run for lack of disk: each is now that volume's
+    reject, and the rest of the run goes on."""
+    src = tmp_path / "src"
+    names = corrupt_copy(phantom_src, src)
+    raw = [n for n in names if nib.load(image_path(src, n)).dataobj.inter != -1024]  # spacing from the CSV only
+    changes = {raw[0]: dict(ZSpacing="500"), raw[1]: dict(ZSpacing="0.0001"), raw[2]: dict(XYSpacing="[500, 500]"),
+               raw[3]: dict(ZSpacing="1000000")}
+    rewrite_csv(os.path.join(src, "metadata", "train_metadata.csv"),
+                lambda c, r: (c, [dict(x, **changes.get(ctrate.strip_ext(x["VolumeName"]), {})) for x in r]))
+    out = tmp_path / "out"
+    prepare.prepare(cfg_for(src, out), progress=False)
+    with open(out / "rejects.csv", newline="") as f:
+        rejects = {r["name"]: r["reason"] for r in csv.DictReader(f)}
+    assert set(rejects) == set(changes)
+    assert all("implausible spacing" in why and name in why for name, why in rejects.items()), rejects
+    kept = {r["name"] for r in all_rows(out)}
+    assert kept and kept.isdisjoint(changes)
+
+
 def test_unknown_label_column_is_fatal(phantom_src, tmp_path):
     src = tmp_path / "src"
     corrupt_copy(phantom_src, src)
