@@ -94,12 +94,16 @@ class PreparedSplit:
         if split not in manifest["splits"]:
             raise PreparedError(f"{root}: no split {split!r}; it has {list(manifest['splits'])}")
         d = os.path.join(root, split)
-        rows = read_json(os.path.join(d, "volumes.json"))
-        self.split, self.rows = split, rows
         S = manifest["splits"][split]["slices"]
         shapes = array_shapes(manifest["size"], manifest["mask_size"])
-        for k, (fn, dt) in ARRAYS.items():  # np.memmap cannot map zero bytes: an empty split has one row
-            setattr(self, k, np.memmap(os.path.join(d, fn), dt, "r", shape=(max(S, 1), *shapes[k]))[:S])
+        try:
+            rows = read_json(os.path.join(d, "volumes.json"))
+            for k, (fn, dt) in ARRAYS.items():  # np.memmap cannot map zero bytes: an empty split has one row
+                setattr(self, k, np.memmap(os.path.join(d, fn), dt, "r", shape=(max(S, 1), *shapes[k]))[:S])
+        except (OSError, ValueError) as e:  # a missing folder or file, a truncated array
+            raise PreparedError(f"{d}: damaged split ({getattr(e, 'filename', None) or e}): missing or truncated; "
+                                f"prepare the data again into a new --out") from None
+        self.split, self.rows = split, rows
         self.depth_mm, self.depth_pos = self.depth[:, 0], self.depth[:, 1]
         self.names = [r["name"] for r in rows]
         self.patients = [r["patient"] for r in rows]
@@ -142,6 +146,7 @@ class Config:
     workers: int = setting(2, at_least(1))   # processes reading volumes
     strict: bool = False                     # any rejected volume is fatal
     keep_staging: bool = False               # keep OUT/.staging after success (debugging)
+    pretrain_only: bool = False              # val and test may come out empty (a dataset for train.py only)
 
     def problems(self):
         src, out = os.path.realpath(self.src), os.path.realpath(self.out)
@@ -630,6 +635,11 @@ def prepare(cfg, progress=True):
     rows = {j["name"]: read_json(done_path(stage, j["name"])) for j in jobs
             if os.path.exists(done_path(stage, j["name"]))}
     write_rejects(cfg, rejects)
+    empty = [s for s in SPLITS if not any(name in rows for name, _, _ in layout[s])
+             and not (cfg.pretrain_only and s != "train")]
+    if empty:  # finished volumes stay staged: the same command continues once the cause is fixed
+        raise SystemExit(f"{cfg.out}: split {', '.join(empty)} would hold no volume ({len(rejects)} rejected, see "
+                         f"rejects.csv); add volumes or fix the rejects, or pass --pretrain_only for train alone")
     manifest = assemble(cfg, stage, layout, rows, params)
     if not cfg.keep_staging:
         shutil.rmtree(stage)

@@ -505,6 +505,9 @@ def main(argv=None):
         ds = {s: open_split(cfg.data, s) for s in SPLITS}
     except PreparedError as e:
         sys.exit(f"probe.py: {e}")
+    empty = [s for s in SPLITS if len(ds[s]) == 0]
+    if empty:  # before any feature or probe is computed
+        sys.exit(f"probe.py: {cfg.data}: split {', '.join(empty)} has no volumes; the probe needs train, val and test")
     vit, backbone = load_model(cfg)
     identity = {"backbone": backbone["sha256"], "vit": backbone["vit"], "img_size": cfg.img_size,
                 "data": data_identity(cfg.data)}

@@ -230,7 +230,10 @@ def test_bad_inputs_are_rejected_with_reasons(phantom_src, tmp_path):
     bad[fixed] = "spacing disagreement"
 
     out = tmp_path / "out"
-    manifest = prepare.prepare(cfg_for(src, out), progress=False)
+    with pytest.raises(SystemExit, match="split val would hold no volume"):  # val's one patient is all rejects
+        prepare.prepare(cfg_for(src, out), progress=False)
+    assert not (out / "manifest.json").exists()
+    manifest = prepare.prepare(cfg_for(src, out, pretrain_only=True), progress=False)  # asked for: it finishes
     with open(out / "rejects.csv", newline="") as f:
         rejects = {r["name"]: r["reason"] for r in csv.DictReader(f)}
     for name, reason in bad.items():
@@ -266,6 +269,35 @@ def test_implausible_spacing_is_a_reject_naming_the_volume(phantom_src, tmp_path
     assert all("implausible spacing" in why and name in why for name, why in rejects.items()), rejects
     kept = {r["name"] for r in all_rows(out)}
     assert kept and kept.isdisjoint(changes)
+
+
+def test_a_split_left_empty_is_an_error_unless_asked_for(phantom_src, tmp_path):
+    """No CT-RATE valid volumes (so no test split): an error, not a finished dataset; --pretrain_only
+    writes it. The staged volumes stay, so the corrected command does not start over."""
+    src = tmp_path / "src"
+    shutil.copytree(phantom_src, src)
+    shutil.rmtree(src / "valid_fixed")
+    rewrite_csv(os.path.join(src, "metadata", "validation_metadata.csv"), lambda c, r: (c, []))
+    with pytest.raises(SystemExit) as e:
+        prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+    assert "split test would hold no volume" in str(e.value.code) and "--pretrain_only" in str(e.value.code)
+    assert not (tmp_path / "out" / "manifest.json").exists() and (tmp_path / "out" / ".staging").exists()
+    manifest = prepare.prepare(cfg_for(src, tmp_path / "out", pretrain_only=True), progress=False)
+    assert manifest["splits"]["test"]["volumes"] == 0 and manifest["splits"]["train"]["volumes"] > 0
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "missing split folder"])
+def test_reader_names_a_damaged_split(prepared, tmp_path, damage):
+    out = tmp_path / "copy"
+    shutil.copytree(prepared, out)
+    if damage == "truncated array":
+        path = out / "train" / "slices.i16"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        shutil.rmtree(out / "train")
+    with pytest.raises(PreparedError, match="damaged split") as e:
+        open_split(str(out), "train")
+    assert "\n" not in str(e.value) and "train" in str(e.value)
 
 
 def test_unknown_label_column_is_fatal(phantom_src, tmp_path):

@@ -239,6 +239,24 @@ def test_missing_split_and_bad_checkpoint_are_one_line_errors(prepared_phantom, 
     assert "\n" not in str(e.value)
 
 
+def test_an_empty_or_missing_split_stops_before_any_work(prepared_phantom, tmp_path):
+    """probe.py checks train, val and test before extracting a feature: an empty test split or a
+    missing test/ folder is one line naming it, and no feature cache is written."""
+    hollow = tmp_path / "hollow"
+    shutil.copytree(prepared_phantom, hollow, ignore=shutil.ignore_patterns("features"))
+    man = json.loads((hollow / "manifest.json").read_text())
+    man["splits"]["test"].update(slices=0, volumes=0)
+    (hollow / "manifest.json").write_text(json.dumps(man))
+    (hollow / "test" / "volumes.json").write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        probe.main([f"--data={hollow}", "--random_init", "--img_size=32", f"--out={tmp_path / 'o'}"])
+    assert "split test has no volumes" in str(e.value.code) and not (hollow / "features").exists()
+    shutil.rmtree(hollow / "test")
+    with pytest.raises(SystemExit) as e:
+        probe.main([f"--data={hollow}", "--random_init", "--img_size=32", f"--out={tmp_path / 'o'}"])
+    assert "test" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
 def test_loads_a_train_checkpoint_at_its_own_size(tmp_path):
     # train.py saves {"model": backbone state dict (timm keys), "vit", "img_size", "config", ...};
     # the size comes from the weights, whatever --vit says
