@@ -98,7 +98,7 @@ def read_csv_rows(path, required):
     if not os.path.exists(path):
         raise SystemExit(f"{path}: missing. A CT-RATE folder has metadata/ and multi_abnormality_labels/ CSVs; "
                          f"check --src.")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a spreadsheet's byte-order mark is not a column
         reader = csv.DictReader(f)
         cols = reader.fieldnames or []
         missing = [c for c in required if c not in cols]
@@ -154,11 +154,16 @@ def read_rex(rex_dir):
     path = os.path.join(rex_dir, "dataset.json")
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        data = json.load(f)
-    entries = [e for v in data.values() for e in v] if isinstance(data, dict) else data
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        entries = [e for v in data.values() for e in v] if isinstance(data, dict) else list(data)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise SystemExit(f"{path}: not a ReXGroundingCT index ({e}); restore it, or point --rex at the right one")
     index = {}
-    for e in entries:
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict) or not isinstance(e.get("name"), str):
+            raise SystemExit(f"{path}: entry {i} has no 'name' (the CT-RATE VolumeName); fix or remove that entry")
         name = strip_ext(e["name"])
         if name in index:
             raise SystemExit(f"{path}: volume {name} appears twice; keep one entry per scan.")

@@ -563,16 +563,21 @@ def check_settings(cfg, params):
             return old
         raise SystemExit(f"{cfg.out} holds a dataset prepared with other settings; choose another --out "
                          f"or delete that folder")
-    stage = os.path.join(cfg.out, ".staging")
-    os.makedirs(stage, exist_ok=True)
-    params_path = os.path.join(stage, "params.json")
-    if os.path.exists(params_path):
-        if read_json(params_path) != params:
+    return None
+
+
+def claim_staging(stage, params):
+    """OUT/.staging for these settings: an interrupted run's with the same settings goes on; one with
+    other settings that finished no volume (a typo in --src, say) is replaced; any other is refused."""
+    params_path, done = os.path.join(stage, "params.json"), os.path.join(stage, "done")
+    if os.path.exists(params_path) and read_json(params_path) != params:
+        if os.path.isdir(done) and os.listdir(done):
             raise SystemExit(f"{stage} holds an interrupted run with other settings; rerun with those "
                              f"settings to finish it, or delete {stage}")
-    else:
+        shutil.rmtree(stage)  # ours, and holds no finished volume
+    os.makedirs(stage, exist_ok=True)
+    if not os.path.exists(params_path):
         atomic_write_text(params_path, json.dumps(params))
-    return None
 
 
 def prepare(cfg, progress=True):
@@ -590,7 +595,8 @@ def prepare(cfg, progress=True):
     if finished:
         return finished
     stage = os.path.join(cfg.out, ".staging")
-    jobs, rejects = discover(cfg)
+    jobs, rejects = discover(cfg)  # before anything is staged: a wrong --src leaves nothing in the way
+    claim_staging(stage, params)
     assign_splits(jobs, cfg)
     layout = plan_slots(jobs, cfg)
     open_staging(stage, layout)
@@ -653,7 +659,11 @@ def main(argv):
     cfg = parse_config(Config, argv, "prepare.py")
     print(describe(cfg))
     t0 = time.time()
-    prepare(cfg, progress=sys.stderr.isatty())
+    try:
+        prepare(cfg, progress=sys.stderr.isatty())
+    except OSError as e:  # a read-only --out, a disk that filled up: finished volumes stay staged
+        raise SystemExit(f"{e.filename or cfg.out}: {e.strerror or e}; fix it (free space, a writable --out) and "
+                         f"run the same command again to continue") from None
     print(f"done in {time.time() - t0:.1f} s")
 
 

@@ -300,6 +300,47 @@ def test_reader_names_a_damaged_split(prepared, tmp_path, damage):
     assert "\n" not in str(e.value) and "train" in str(e.value)
 
 
+def test_a_typo_in_src_does_not_block_the_corrected_command(phantom_src, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="no volumes found"):
+        prepare.prepare(cfg_for(tmp_path / "nowhere", out), progress=False)
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)  # not "an interrupted run with other settings"
+    assert (out / "manifest.json").exists()
+
+
+def test_csv_with_a_byte_order_mark_is_read(phantom_src, prepared, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(phantom_src, src)
+    for csv_path in (src / "metadata").glob("*.csv"):
+        csv_path.write_bytes(b"\xef\xbb\xbf" + csv_path.read_bytes())  # as a spreadsheet saves UTF-8
+    prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+    got, want = read_all(tmp_path / "out"), read_all(prepared)
+    for split in want:
+        assert all(np.array_equal(a, b) for a, b in zip(got[split][:4], want[split][:4])), split
+        assert got[split][4] == want[split][4]
+
+
+@pytest.mark.parametrize("content, needle", [("{not json", "not a ReXGroundingCT index"),
+                                             ('[{"findings": {}}]', "entry 0 has no 'name'")])
+def test_a_broken_rex_index_is_one_line(phantom_src, tmp_path, content, needle):
+    src = tmp_path / "src"
+    shutil.copytree(phantom_src, src)
+    (src / "rexgroundingct" / "dataset.json").write_text(content)
+    with pytest.raises(SystemExit) as e:
+        prepare.prepare(cfg_for(src, tmp_path / "out"), progress=False)
+    assert needle in str(e.value.code) and "dataset.json" in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_disk_full_or_read_only_out_is_one_line(phantom_src, tmp_path, monkeypatch):
+    def full(stage, job, arrays):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / ".staging"))
+    monkeypatch.setattr(prepare, "write_slot", full)
+    with pytest.raises(SystemExit) as e:
+        prepare.main([f"--src={phantom_src}", f"--out={tmp_path / 'out'}", "--size=40", "--z_mm=4",
+                      "--mask_size=20", "--workers=1"])
+    assert "No space left on device" in str(e.value.code) and "same command again" in str(e.value.code)
+
+
 def test_unknown_label_column_is_fatal(phantom_src, tmp_path):
     src = tmp_path / "src"
     corrupt_copy(phantom_src, src)
