@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from dataclasses import MISSING, dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -206,12 +207,27 @@ def setup_distributed(device_name):
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     device = pick_device(device_name)
     if ddp:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        dist.init_process_group(backend, store=restart_store(rank, world), rank=rank, world_size=world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     return ddp, rank, world, device
+
+
+def restart_store(rank, world):
+    """The process group's key-value store, with its own key space for each restart of the worker group.
+    torchrun's store outlives the workers it restarts (--max-restarts): a restarted rank could otherwise
+    read the address a dead peer published and fail to connect, or wait on keys of the last attempt
+    (README: fault tolerance). Returns None outside torchrun (init_process_group's own env:// store)."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ:
+        return None
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"dalect/restart_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
 
 
 def world_size():

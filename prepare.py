@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from multiprocessing import get_context
 
 import numpy as np
@@ -107,13 +108,10 @@ class PreparedSplit:
         self.depth_mm, self.depth_pos = self.depth[:, 0], self.depth[:, 1]
         self.names = [r["name"] for r in rows]
         self.patients = [r["patient"] for r in rows]
-        self.start = np.array([r["start"] for r in rows], np.int64)
-        self.count = np.array([r["count"] for r in rows], np.int64)
-        self.z_mm = np.array([r["z_mm"] for r in rows], np.float32)
-        self.mm_per_px = np.array([r["mm_per_px"] for r in rows], np.float32)
+        for k, dt in (("start", np.int64), ("count", np.int64), ("z_mm", np.float32), ("mm_per_px", np.float32),
+                      ("has_anatomy", bool), ("has_abnormality", bool)):  # per-volume columns of the table
+            setattr(self, k, np.array([r[k] for r in rows], dt))
         self.labels = np.array([r["labels"] for r in rows], np.float32).reshape(len(rows), len(LABELS))
-        self.has_anatomy = np.array([r["has_anatomy"] for r in rows], bool)
-        self.has_abnormality = np.array([r["has_abnormality"] for r in rows], bool)
 
     def __len__(self):
         return len(self.rows)
@@ -171,8 +169,7 @@ def hu_scaling(img, raw, job, how):
     (RECIPE.md 2), the air check verifies. Works on the raw array: the volume is converted to
     float only inside the body box, later."""
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
-    header_scaled = (slope, inter) != (1.0, 0.0)
-    source = how if how != "auto" else ("header" if header_scaled else "csv")
+    source = how if how != "auto" else ("header" if (slope, inter) != (1.0, 0.0) else "csv")
     if source == "csv":
         slope, inter = ctrate.csv_rescale(job["meta"], job["path"])
     if not slope > 0:
@@ -223,12 +220,6 @@ def geometry(img, job):
     return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
 
 
-def orient(arr, flip_z):
-    """NIfTI (X, Y, Z) -> (Z, Y, X) slices, slice 0 most superior."""
-    arr = arr.transpose(2, 1, 0)
-    return arr[::-1] if flip_z else arr
-
-
 def square_window(m, k, op):
     """op (np.logical_and: erosion, np.logical_or: dilation) over the k x k square centred on each
     pixel of each slice of bool m (D, h, w), False outside: one axis at a time, in-place ops on
@@ -236,34 +227,27 @@ def square_window(m, k, op):
     for axis in (1, 2):
         n = m.shape[axis]
         padded = np.pad(m, [(k // 2, k // 2) if a == axis else (0, 0) for a in range(m.ndim)])
-        out = padded[(slice(None),) * axis + (slice(0, n),)].copy()
+        m = padded[(slice(None),) * axis + (slice(0, n),)].copy()  # the input of the next axis
         for i in range(1, k):
-            op(out, padded[(slice(None),) * axis + (slice(i, i + n),)], out=out)
-        m = out
+            op(m, padded[(slice(None),) * axis + (slice(i, i + n),)], out=m)
     return m
 
 
-def erode(m, k):
-    return square_window(m, k, np.logical_and)
+erode = partial(square_window, op=np.logical_and)
+dilate = partial(square_window, op=np.logical_or)
 
 
-def dilate(m, k):
-    return square_window(m, k, np.logical_or)
-
-
-def body_box(vol, px_mm, body_threshold):
+def body_box(vol, px_mm, body_threshold, path):
     """One square box (y0, x0, side) around the body over all slices (RECIPE.md 7); the body is
     vol > body_threshold (BODY_HU in the units of vol). A per-slice opening removes the table and
-    cables, on a ~4 mm grid. Dilation commutes with a union, so the union of the per-slice
-    openings is the dilation of the union of the per-slice erosions: only the erosion runs on
-    every slice."""
+    cables, on a ~4 mm grid; dilation commutes with a union, so only the erosion runs on every slice."""
     stride = max(1, int(4.0 / px_mm))
     m = vol[:, ::stride, ::stride] > body_threshold  # (D, h, w)
     k = max(1, round(BODY_OPEN_MM / (px_mm * stride))) | 1  # odd window
     opened = dilate(erode(m, k).any(0, keepdims=True), k)[0]  # union of per-slice openings  (h, w)
     ys, xs = np.nonzero(opened)
     if len(ys) == 0:
-        raise Reject("no body found: no region above -500 HU survives the opening")
+        raise Reject(f"{path}: no body found: no region above -500 HU survives the opening; is this a CT volume?")
     y0, y1 = ys.min() * stride, (ys.max() + 1) * stride
     x0, x1 = xs.min() * stride, (xs.max() + 1) * stride
     side = max(y1 - y0, x1 - x0)
@@ -339,11 +323,8 @@ def process_volume(job, cfg):
     slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
     px_mm, z_src, flip_z, z_dir = geometry(img, job)
     labels = ctrate.label_values(job["labels"], job["path"])
-    vol = orient(raw, flip_z)  # (D, Y, X), stored values
-    try:
-        box = body_box(vol, px_mm, (BODY_HU - inter) / slope)
-    except Reject as e:
-        raise Reject(f"{job['path']}: {e}; is this a CT volume?")
+    vol = raw.T[::-1] if flip_z else raw.T  # NIfTI (X, Y, Z) -> (D, Y, X) stored values, slice 0 most superior
+    box = body_box(vol, px_mm, (BODY_HU - inter) / slope, job["path"])
     y0, x0, side = box
     zpos = z_positions(vol.shape[0], z_src, cfg.z_mm)
     slices = resample_volume(crop_hu(vol, y0, x0, side, slope, inter), zpos, cfg.size)  # (n, size, size)
@@ -366,8 +347,7 @@ def process_volume(job, cfg):
                mm_per_px=side * px_mm / cfg.size, labels=labels, has_anatomy=job["anat"] is not None,
                has_abnormality=entry is not None, hu_source=hu_source, src_spacing=[px_mm, z_src],
                src_shape=list(raw.shape), flip_z=bool(flip_z), z_direction=z_dir, box=[int(y0), int(x0), int(side)])
-    return dict(slices=slices, anatomy=np.ascontiguousarray(anatomy), abnormal=np.ascontiguousarray(abnormal),
-                depth=depth, row=row)
+    return dict(slices=slices, anatomy=anatomy, abnormal=abnormal, depth=depth, row=row)
 
 
 # -----------------------------------------------------------------------------
@@ -392,8 +372,7 @@ def assign_splits(jobs, cfg):
     """Patient-level split: CT-RATE valid -> test; a seeded random set of train patients -> val."""
     train_patients = sorted({j["patient"] for j in jobs if j["src_split"] == "train"}, key=natural_key)
     n_val = min(cfg.val_patients, len(train_patients) // 5)
-    rng = np.random.default_rng(cfg.seed)
-    val = set(rng.permutation(train_patients)[:n_val].tolist()) if n_val else set()
+    val = set(np.random.default_rng(cfg.seed).permutation(train_patients)[:n_val].tolist())
     for j in jobs:
         j["split"] = "test" if j["src_split"] == "valid" else ("val" if j["patient"] in val else "train")
 
@@ -443,10 +422,9 @@ def open_staging(stage, layout):
             return
         print(f"{stage}: the source folder changed since the interrupted run; starting over")
     shutil.rmtree(os.path.join(stage, "done"), ignore_errors=True)  # markers first: none may outlive its slot
-    for split in SPLITS:
-        for k in ARRAYS:
-            if os.path.exists(staged_array(stage, split, k)):
-                os.remove(staged_array(stage, split, k))
+    for path in [staged_array(stage, split, k) for split in SPLITS for k in ARRAYS]:
+        if os.path.exists(path):
+            os.remove(path)
     os.makedirs(os.path.join(stage, "done"))
     atomic_write_text(layout_path, json.dumps(layout))
 
@@ -502,8 +480,7 @@ def assemble(cfg, stage, layout, rows, params):
     interruption here loses nothing: the next run assembles again."""
     counts, nbytes = {}, slice_nbytes(cfg)
     shapes = array_shapes(cfg.size, cfg.mask_size)
-    for split in SPLITS:
-        slots = layout[split]
+    for split, slots in layout.items():  # in SPLITS order (plan_slots)
         placed, total = [], 0  # (name, staged start, final start, count) of each finished volume, in order
         for name, start, count in slots:
             if name in rows:
@@ -542,14 +519,8 @@ def assemble(cfg, stage, layout, rows, params):
     manifest = dict(format="dale-ct-prepared", **params, labels=LABELS,
                     abnormality_codes=ABNORMALITY_CODES, n_anatomy=N_ANATOMY, splits=counts,
                     created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    # last, atomic: now it is a dataset
-    atomic_write_text(os.path.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1))
+    atomic_write_text(os.path.join(cfg.out, "manifest.json"), json.dumps(manifest, indent=1))  # last: now a dataset
     return manifest
-
-
-def write_rejects(cfg, rejects):
-    with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["name", "path", "reason"]] + sorted(rejects))
 
 
 def check_settings(cfg, params):
@@ -563,7 +534,6 @@ def check_settings(cfg, params):
             return old
         raise SystemExit(f"{cfg.out} holds a dataset prepared with other settings; choose another --out "
                          f"or delete that folder")
-    return None
 
 
 def claim_staging(stage, params):
@@ -591,8 +561,7 @@ def prepare(cfg, progress=True):
                   hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
                   seed=cfg.seed, version=FORMAT_VERSION)
     os.makedirs(cfg.out, exist_ok=True)
-    finished = check_settings(cfg, params)
-    if finished:
+    if finished := check_settings(cfg, params):
         return finished
     stage = os.path.join(cfg.out, ".staging")
     jobs, rejects = discover(cfg)  # before anything is staged: a wrong --src leaves nothing in the way
@@ -640,7 +609,8 @@ def prepare(cfg, progress=True):
             pool.shutdown(wait=False, cancel_futures=True)
     rows = {j["name"]: read_json(done_path(stage, j["name"])) for j in jobs
             if os.path.exists(done_path(stage, j["name"]))}
-    write_rejects(cfg, rejects)
+    with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["name", "path", "reason"]] + sorted(rejects))
     empty = [s for s in SPLITS if not any(name in rows for name, _, _ in layout[s])
              and not (cfg.pretrain_only and s != "train")]
     if empty:  # finished volumes stay staged: the same command continues once the cause is fixed

@@ -370,9 +370,8 @@ def select(run, val_labels):
     ap = average_precision(y.T, np.swapaxes(run.val_scores, -1, -2))  # (E, P, L, C)
     table = ap[..., classes].mean(-1)                                 # (E, P, L)
     e, p, l = np.unravel_index(np.argmax(table), table.shape)
-    thresholds = best_f1_thresholds(y, run.val_scores[e, p, l])
     return Selection(run.poolings[p], run.lrs[l], run.eval_steps[e], (int(e), int(p), int(l)),
-                     float(table[e, p, l]), thresholds, table)
+                     float(table[e, p, l]), best_f1_thresholds(y, run.val_scores[e, p, l]), table)
 
 
 def evaluate_seed(train, val, test, cfg, seed, log=print):
@@ -470,9 +469,8 @@ def compare(dirs, cfg):
         label = "random init" if b["kind"] == "random_init" else Path(b["path"]).parent.name
         diff = None
         if i:
-            delta = samples[i] - samples[i - 1]
             diff = [float(s["auroc"]["mean"] - runs[i - 1][1]["summary"]["auroc"]["mean"]),
-                    *(float(q) for q in np.nanquantile(delta, [0.025, 0.975]))]
+                    *(float(q) for q in np.nanquantile(samples[i] - samples[i - 1], [0.025, 0.975]))]
         t = training_time(b)
         rows.append({"run": d, "model": label, "summary": s, "depth_r2": res["depth"]["test_r2"],
                      "delta_auroc": diff, "train_s": t})
@@ -516,15 +514,14 @@ def main(argv=None):
     center = feature_mean(feats["train"])  # train statistics only
     train, val, test = (make_bags(feats[s], ds[s], device, center=center) for s in SPLITS)
 
-    seeds, scores, reports, thresholds = [], [], [], []
+    seeds, runs = [], []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
         print(f"probe seed {seed}: {len(cfg.poolings)} poolings x {len(cfg.lrs)} lrs, {cfg.steps} steps")
         sel, s, rep = evaluate_seed(train, val, test, cfg, seed)
         seeds.append({"seed": seed, "pooling": sel.pooling, "lr": sel.lr, "step": sel.step,
                       "val_macro_auprc": sel.val_macro_auprc, "test_macro": rep["macro"]})
-        scores.append(s)
-        reports.append(rep)
-        thresholds.append(sel.thresholds)
+        runs.append((s, sel.thresholds, rep))
+    scores, thresholds, reports = zip(*runs)
     scores, thresholds, y = np.stack(scores), np.stack(thresholds), test.labels.cpu().numpy()
     summary, per_class = summarise(reports, scores, thresholds, y, cfg)
 
@@ -542,9 +539,8 @@ def main(argv=None):
     print(write_results(res, cfg.out))
     np.savez(Path(cfg.out) / "test_scores.npz", scores=scores, thresholds=thresholds, labels=y,
              names=np.array(ds["test"].names))  # what --compare needs for paired intervals
-    title = (f"{backbone['kind']} ViT-{backbone['vit']}: test ROC per class, "
-             f"macro AUROC {summary['auroc']['mean']:.3f}")
-    plots.plot_roc(y, scores.mean(0), Path(cfg.out) / "roc.png", title)
+    plots.plot_roc(y, scores.mean(0), Path(cfg.out) / "roc.png", f"{backbone['kind']} ViT-{backbone['vit']}: "
+                   f"test ROC per class, macro AUROC {summary['auroc']['mean']:.3f}")
     print(f"wrote {cfg.out}/results.json and results.md")
     return res
 
