@@ -341,6 +341,58 @@ def test_disk_full_or_read_only_out_is_one_line(phantom_src, tmp_path, monkeypat
     assert "No space left on device" in str(e.value.code) and "same command again" in str(e.value.code)
 
 
+def phantom_hu(src, name):
+    """A phantom volume in HU, (X, Y, Z), and its metadata row."""
+    img = nib.load(image_path(src, name))
+    meta = read_csv(os.path.join(src, "metadata", "train_metadata.csv"))
+    raw = np.asanyarray(img.dataobj.get_unscaled()).astype(np.float32)
+    hu = raw * img.dataobj.slope + img.dataobj.inter if img.dataobj.inter == -1024 else raw - 1024
+    return hu, meta[name]
+
+
+@pytest.mark.parametrize("field", ["full", "tight"])
+def test_hu_check_accepts_any_field_of_view_and_refuses_a_wrong_intercept(phantom_src, field):
+    """The check reads the darkest voxels (air, trachea, lungs), not the border: a crop inside the body
+    (no air around it) is accepted when scaled right; unscaled (the intercept missing) and doubly scaled
+    (the intercept applied twice) are refused, on full and tight fields of view alike."""
+    name = sorted(read_csv(os.path.join(phantom_src, "metadata", "train_metadata.csv")))[0]
+    hu, meta = phantom_hu(phantom_src, name)
+    if field == "tight":  # the middle half of each side: the body touches every edge, the lungs stay
+        X, Y = hu.shape[:2]
+        hu = hu[X // 4: 3 * X // 4, Y // 4: 3 * Y // 4]
+        assert np.median(np.concatenate([hu[0].ravel(), hu[-1].ravel()])) > -500  # no air at the border
+    cases = {  # (stored values, header (slope, intercept) or None, CSV intercept) -> accepted?
+        "right, header": (hu + 1024, (1, -1024), "-1024", True),
+        "right, csv": (hu + 1024, None, "-1024", True),
+        "unscaled": (hu + 1024, None, "0", False),
+        "doubly scaled": (hu, (1, -1024), "-1024", False),
+        "doubly scaled, csv": (hu, None, "-1024", False),
+    }
+    for case, (stored, header, csv_inter, ok) in cases.items():
+        img = nib.Nifti1Image(stored.astype(np.int16), np.diag([0.75, 0.75, 1.5, 1]))
+        if header:
+            img.header.set_slope_inter(*header)
+        img = nib.Nifti1Image.from_bytes(img.to_bytes())
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+        job = {"path": f"{case}.nii.gz", "meta": dict(meta, RescaleSlope="1", RescaleIntercept=csv_inter)}
+        if ok:
+            prepare.hu_scaling(img, raw, job, "auto")
+        else:
+            with pytest.raises(ctrate.Reject, match="HU check failed"):
+                prepare.hu_scaling(img, raw, job, "auto")
+
+
+def test_a_small_crop_keeps_its_body(phantom_src):
+    """The 19 mm opening must not erase a crop narrower than a few windows (here 12 px at 0.75 mm, on the
+    opening's 4 mm grid 3 cells for a 5-cell window): the box still covers it."""
+    name = sorted(read_csv(os.path.join(phantom_src, "metadata", "train_metadata.csv")))[0]
+    hu, _ = phantom_hu(phantom_src, name)
+    X, Y = hu.shape[:2]
+    crop = hu[3 * X // 8: 5 * X // 8, 3 * Y // 8: 5 * Y // 8].T  # (D, Y, X), a quarter of each side
+    y0, x0, side = prepare.body_box(crop, 0.75, -500.0, "crop.nii.gz")  # at CT-RATE's 0.75 mm: 9 mm across
+    assert side >= 0.75 * max(crop.shape[1:])
+
+
 def test_unknown_label_column_is_fatal(phantom_src, tmp_path):
     src = tmp_path / "src"
     corrupt_copy(phantom_src, src)
