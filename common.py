@@ -5,16 +5,21 @@ common.py: what every script shares, so that each stage file holds only its meth
 - one `--key=value` parser for every script: types come from the script's config dataclass, the
   accepted values are declared once next to each field (`setting(default, check)`), presets are
   small JSON files under config/, and every bad value ends in one line naming the flag;
-- device choice and torchrun set-up, the step log, reading weight files, atomic writes.
+- worker processes that stop with their parent, device choice and torchrun set-up, the step log,
+  reading weight files, atomic writes, deleting only what the code wrote.
 """
+import ctypes
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import MISSING, dataclass, field, fields
 from datetime import timedelta
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -215,6 +220,40 @@ def setup_distributed(device_name):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     return ddp, rank, world, device
+
+
+def in_processes(fn, items, workers, ordered=False):
+    """fn over items in `workers` spawned processes (here, for one worker), yielding results as they
+    finish (ordered=True: in item order). The workers ignore Ctrl-C and die with this process, kill -9
+    included, so an interrupt stops everything at once and no worker outlives its run; one the kernel
+    kills (out of memory) raises BrokenProcessPool instead of hanging."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                               initargs=(os.getpid(),))
+    finished = False
+    try:
+        futures = [pool.submit(fn, item) for item in items]
+        for future in (futures if ordered else as_completed(futures)):
+            yield future.result()
+        finished = True
+    finally:
+        workers_now = list(pool._processes.values())  # the executor's own handles: none is public
+        pool.shutdown(wait=finished, cancel_futures=True)
+        if not finished:  # interrupted or failed: the volumes in flight are redone by the next run
+            for p in workers_now:
+                p.kill()
+
+
+def _worker_init(parent):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    try:  # Linux: the kernel kills this worker when its parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def restart_store(rank, world):

@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from statistics import NormalDist
 
@@ -46,7 +45,8 @@ import numpy as np
 from tqdm import tqdm
 
 import ctrate
-from common import FRACTION, LABELS, NONEMPTY, SettingError, apply, at_least, describe, parse_config, setting
+from common import (FRACTION, LABELS, NONEMPTY, SettingError, apply, at_least, describe, in_processes, parse_config,
+                    setting)
 
 
 @dataclass
@@ -809,11 +809,7 @@ def write_phantom(out, progress=False, **settings) -> dict:
     plan = plan_volumes(cfg)
     jobs = [(out, v) for v in plan]
     bar = dict(total=len(jobs), desc="phantom", unit="vol", disable=not progress)
-    if cfg.workers > 1:
-        with ProcessPoolExecutor(cfg.workers) as pool:
-            results = list(tqdm(pool.map(write_volume, jobs, chunksize=4), **bar))
-    else:
-        results = [write_volume(j) for j in tqdm(jobs, **bar)]
+    results = list(tqdm(in_processes(write_volume, jobs, cfg.workers, ordered=True), **bar))
     ctrate.write_rex(out, {split: [entry for v, (entry, _) in zip(plan, results) if entry and v["split"] == split]
                            for split in ctrate.SPLITS})
     for split in ctrate.SPLITS:

@@ -22,16 +22,15 @@ A crash or Ctrl-C loses at most the volumes in flight: the same command continue
 manifest is written only when every volume is done (section 2).
 """
 import csv
+import fcntl
 import json
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
-from multiprocessing import get_context
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 
 import ctrate
 from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, at_least,
-                    atomic_write_text, describe, one_of, parse_config, remove_owned, setting)
+                    atomic_write_text, describe, in_processes, one_of, parse_config, remove_owned, setting)
 from ctrate import Reject, load_nifti, natural_key
 
 # -----------------------------------------------------------------------------
@@ -384,9 +383,7 @@ def human(n):
 
 
 def planned_count(job, cfg):
-    """Output slices of a volume from its header and CSV alone, by the same geometry() and
-    slice_count() as process_volume. 0 for a header that cannot be read or a geometry that is
-    refused: that volume is rejected with its reason when processed."""
+    """Output slices from header and CSV alone, as process_volume counts them; 0 where geometry() refuses."""
     import nibabel as nib
     try:
         img = nib.load(job["path"])  # the header only; voxels are read when indexed
@@ -553,16 +550,26 @@ def claim_staging(stage, params):
 
 
 def prepare(cfg, progress=True):
-    """The whole stage. Returns the manifest (dict)."""
-    from tqdm import tqdm
+    """The whole stage, one run at a time on an --out (a second run refuses). Returns the manifest (dict)."""
     if cfg.hu not in HU_SOURCES:  # a Config made in code has not passed the command line's checks
         raise SystemExit(f"--hu={cfg.hu}: use auto, header or csv")
     for problem in cfg.problems():
         raise SystemExit(problem)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, ".lock"), "w") as lock:  # released when the run ends, however it ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SystemExit(f"{cfg.out}: another prepare.py is writing there; wait for it, or pick another --out")
+        return prepare_locked(cfg, progress)
+
+
+def prepare_locked(cfg, progress):
+    """prepare() once it holds OUT/.lock."""
+    from tqdm import tqdm
     params = dict(src=os.path.abspath(cfg.src), z_mm=cfg.z_mm, size=cfg.size, mask_size=cfg.mask_size,
                   hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
                   seed=cfg.seed, version=FORMAT_VERSION)
-    os.makedirs(cfg.out, exist_ok=True)
     if finished := check_settings(cfg, params):
         return finished
     stage = os.path.join(cfg.out, ".staging")
@@ -590,12 +597,7 @@ def prepare(cfg, progress=True):
     create_staged_arrays(stage, layout, cfg)
     args = [(j, cfg, stage) for j in todo]
     bar = tqdm(total=len(todo), unit="vol", disable=not progress, desc="prepare")
-    if cfg.workers > 1 and len(todo) > 1:
-        # a pool whose worker is killed (e.g. by the kernel's OOM killer) raises instead of hanging
-        pool = ProcessPoolExecutor(cfg.workers, mp_context=get_context("spawn"))
-        results = (f.result() for f in as_completed([pool.submit(work, a) for a in args]))
-    else:
-        pool, results = None, map(work, args)
+    results = in_processes(work, args, cfg.workers)
     try:
         for name, path, reason in results:
             bar.update()
@@ -607,8 +609,7 @@ def prepare(cfg, progress=True):
                     raise SystemExit(f"rejected {name}: {reason} (--strict)")
     finally:
         bar.close()
-        if pool:
-            pool.shutdown(wait=False, cancel_futures=True)
+        results.close()  # an interrupt or --strict stops the workers now
     rows = {j["name"]: read_json(done_path(stage, j["name"])) for j in jobs
             if os.path.exists(done_path(stage, j["name"]))}
     with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:

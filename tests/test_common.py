@@ -94,3 +94,44 @@ def test_unreadable_torch_files_are_one_line(tmp_path, content):
         common.load_torch(str(path))
     msg = str(e.value)
     assert str(path) in msg and "\n" not in msg and "weights_only=False" not in msg, msg
+
+
+def marked_processes(marker):
+    """pids of processes whose environment holds marker (the workers a test's script started)."""
+    found = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in open(f"/proc/{d}/environ", "rb").read():
+                found.append(int(d))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the workers through /proc")
+@pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
+def test_workers_stop_with_their_parent(tmp_path, how):
+    """prepare.py and phantom.py run their volumes through common.in_processes: Ctrl-C stops the run
+    within a second (it took 4-6 s, finishing most volumes), and kill -9 of the parent takes the workers
+    with it (they lived on, re-parented to PID 1)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+    from conftest import ROOT
+    (tmp_path / "slow.py").write_text("import time\n\ndef nap(x):\n    time.sleep(2)\n    return x\n")
+    script = ("import common, slow\nfor r in common.in_processes(slow.nap, list(range(12)), 2):\n"
+              "    print(r, flush=True)\n")
+    marker = f"DALECT_TEST_{uuid.uuid4().hex}"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{tmp_path}", marker: "1"}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip().isdigit()  # the workers are up and working
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    proc.wait(timeout=30)
+    while marked_processes(marker) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert marked_processes(marker) == [], "a worker outlived its parent"
+    assert time.time() - t0 < 2.0, f"took {time.time() - t0:.1f} s to stop"

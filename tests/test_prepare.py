@@ -393,6 +393,18 @@ def test_a_small_crop_keeps_its_body(phantom_src):
     assert side >= 0.75 * max(crop.shape[1:])
 
 
+def test_two_runs_on_one_out_the_second_refuses(phantom_src, tmp_path):
+    import fcntl
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # as a first prepare.py holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit, match="another prepare.py is writing there"):
+            prepare.prepare(cfg_for(phantom_src, out), progress=False)
+    prepare.prepare(cfg_for(phantom_src, out), progress=False)  # once it is gone
+    assert (out / "manifest.json").exists()
+
+
 def test_unknown_label_column_is_fatal(phantom_src, tmp_path):
     src = tmp_path / "src"
     corrupt_copy(phantom_src, src)
