@@ -354,6 +354,19 @@ def remove_owned(folder, own):
     shutil.rmtree(folder)
 
 
+def writable(folder):
+    """Whether files can be created in folder (made if missing): tried, not read off permission bits,
+    which a read-only mount or a root user would make lie."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f".write_test_{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(folder, f".write_test_{os.getpid()}"))
+        return True
+    except OSError:
+        return False
+
+
 def atomic_write_text(path, text):
     """Write to path.tmp, then rename: a crash leaves the old file or the new one, never half of one."""
     def write(tmp):

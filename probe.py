@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import plots
 from common import (LABELS, NONEMPTY, NONNEG, POSITIVE, SPLITS, Check, at_least, atomic_write_text, describe,
-                    device_name, one_of, parse_config, pick_device, setting)
+                    device_name, one_of, parse_config, pick_device, setting, writable)
 from metrics import (METRICS, average_precision, best_f1_thresholds, bootstrap_ci, bootstrap_samples,
                      classification_report, covered_classes, depth_r2, finite_or_none, macro)
 from model import PATCH, VIT_SIZES, build_vit, load_backbone, read_state_dict, size_name
@@ -57,7 +57,8 @@ class ProbeConfig:
     data: str = setting("data/prepared", NONEMPTY)  # folder written by prepare.py (train, val, test)
     out: str = setting("out/probe", NONEMPTY)       # results.json and results.md go here
     device: str = setting("auto", NONEMPTY)         # auto = cuda when available, else cpu
-    # features (cached under DATA/features/, keyed by checkpoint, img_size and data)
+    # features
+    cache: str = ""  # the feature cache, keyed by (checkpoint, img_size, data); "" = DATA/features
     img_size: int = setting(256, at_least(PATCH))   # slices resized to this for the backbone (RECIPE.md 7)
     feat_batch: int = setting(64, at_least(1))      # slices per forward pass
     # MIL linear probe (RECIPE.md 7): the whole grid trains at once, on the same minibatches
@@ -163,11 +164,11 @@ def data_identity(root):
     return h.hexdigest()
 
 
-def cached_features(root, split, slices, vit, identity, batch_size=64, device="cpu"):
-    """CLS features (S, D) of a split at identity["img_size"], cached in DATA/features/KEY/SPLIT.f32, KEY a hash
-    of the identity (checkpoint, img_size, data). Written, then renamed: a file is complete or absent."""
+def cached_features(cache, split, slices, vit, identity, batch_size=64, device="cpu"):
+    """CLS features (S, D) of a split at identity["img_size"], cached in CACHE/KEY/SPLIT.f32, KEY a hash of
+    the identity (checkpoint, img_size, data). Written, then renamed: a file is complete or absent."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    path = Path(root) / "features" / key / f"{split}.f32"
+    path = Path(cache) / key / f"{split}.f32"
     shape = (len(slices), vit.embed_dim)
     if path.is_file() and path.stat().st_size == 4 * shape[0] * shape[1]:
         return np.memmap(path, np.float32, "r", shape=shape)
@@ -509,8 +510,11 @@ def main(argv=None):
     vit, backbone = load_model(cfg)
     identity = {"backbone": backbone["sha256"], "vit": backbone["vit"], "img_size": cfg.img_size,
                 "data": data_identity(cfg.data)}
-    feats = {s: cached_features(cfg.data, s, ds[s].slices, vit, identity, cfg.feat_batch, device) for s in SPLITS}
-    print(f"features: {', '.join(f'{s} {feats[s].shape}' for s in SPLITS)} in {cfg.data}/features/")
+    cache = cfg.cache or os.path.join(cfg.data, "features")
+    if not writable(cache):  # a read-only dataset, say
+        sys.exit(f"probe.py: cannot write the feature cache to {cache}; pass --cache=DIR, a writable folder")
+    feats = {s: cached_features(cache, s, ds[s].slices, vit, identity, cfg.feat_batch, device) for s in SPLITS}
+    print(f"features: {', '.join(f'{s} {feats[s].shape}' for s in SPLITS)} in {cache}/")
     center = feature_mean(feats["train"])  # train statistics only
     train, val, test = (make_bags(feats[s], ds[s], device, center=center) for s in SPLITS)
 

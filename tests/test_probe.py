@@ -134,7 +134,7 @@ def test_feature_cache_reuse_invalidation_and_recovery(tmp_path, monkeypatch):
     vit = build_vit("tiny", img_size=32)
     slices = np.random.default_rng(0).integers(-1000, 500, (10, 48, 48)).astype(np.int16)
     ident = {"backbone": "aaa", "vit": "tiny", "img_size": 32, "data": "d0"}
-    get = lambda ident: probe.cached_features(tmp_path, "train", slices, vit, ident, batch_size=4)
+    get = lambda ident: probe.cached_features(tmp_path / "features", "train", slices, vit, ident, batch_size=4)
 
     first = np.array(get(ident))
     assert len(calls) == 1 and first.shape == (10, 192) and np.isfinite(first).all()
@@ -237,6 +237,28 @@ def test_missing_split_and_bad_checkpoint_are_one_line_errors(prepared_phantom, 
     with pytest.raises(SystemExit, match="cannot use .* as a backbone") as e:
         probe.main([f"--data={prepared_phantom}", f"--ckpt={bad}", "--img_size=32"])
     assert "\n" not in str(e.value)
+
+
+def test_feature_cache_elsewhere_for_a_read_only_dataset(prepared_phantom, tmp_path, monkeypatch):
+    """--cache=DIR keeps the data folder untouched (same results as the default cache); where the data
+    folder cannot take the cache and no --cache is given, one line says what to do, before any work."""
+    data = tmp_path / "data"
+    shutil.copytree(prepared_phantom, data, ignore=shutil.ignore_patterns("features"))
+    args = [f"--data={data}", "--random_init", "--img_size=32", "--steps=20", "--seeds=1", "--n_boot=50",
+            "--evals=2"]
+    elsewhere = probe.main(args + [f"--cache={tmp_path / 'cache'}", f"--out={tmp_path / 'a'}"])
+    assert not (data / "features").exists() and list((tmp_path / "cache").iterdir())
+    default = probe.main(args + [f"--out={tmp_path / 'b'}"])
+    assert elsewhere["summary"] == default["summary"]
+    shutil.rmtree(data / "features")
+    real = probe.writable
+
+    def read_only_data(folder):  # as on a read-only disk (root writes through permission bits)
+        return folder != os.path.join(str(data), "features") and real(folder)
+    monkeypatch.setattr(probe, "writable", read_only_data)
+    with pytest.raises(SystemExit) as e:
+        probe.main(args + [f"--out={tmp_path / 'c'}"])
+    assert "--cache=DIR" in str(e.value.code) and "\n" not in str(e.value.code) and not (data / "features").exists()
 
 
 def test_an_empty_or_missing_split_stops_before_any_work(prepared_phantom, tmp_path):
