@@ -354,6 +354,21 @@ def remove_owned(folder, own):
     shutil.rmtree(folder)
 
 
+def write_output_folder(folder, flag, files, need):
+    """files {name: text} into folder (made if missing), which must also have `need` bytes free: said when
+    a run starts, not hours later. Otherwise one line naming the flag."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for name, text in files.items():
+            atomic_write_text(os.path.join(folder, name), text)
+    except OSError as e:
+        raise SystemExit(f"{flag}={folder}: cannot write there ({e.strerror}); pick a writable folder")
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(f"{flag}={folder}: {free / 1e9:.2f} GB free, {need / 1e9:.2f} GB needed; free some space "
+                         f"or pick another folder")
+
+
 def writable(folder):
     """Whether files can be created in folder (made if missing): tried, not read off permission bits,
     which a read-only mount or a root user would make lie."""

@@ -9,6 +9,7 @@ returns None, and the run carries on.
 """
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -29,14 +30,34 @@ def pyplot(log):
         return None
 
 
-def draw_sample(ds, cfg, path, plan, slab, views, log=print):
+def picture_sample(ds, cfg, sampling, tries=256):
+    """(plan, slab slice indices, views) of the sample train.py --picture draws: the first training draw
+    (step s, slot 0) whose slab shows a finding, else step 0's; its views with the 2S targets.
+    sampling: train.py's (plan_slabs, slab_range, gather, make_views), passed in so this file needs no train."""
+    plan_slabs, slab_range, gather, make_views = sampling
+    first = None
+    for step in range(tries):
+        plan = plan_slabs(ds, cfg, step, [0])
+        v = int(plan["vol"][0])
+        lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
+        slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
+        first = first or (plan, slab)
+        if ds.has_abnormality[v] and ds.abnormal[slab.start:slab.stop].any():
+            first = (plan, slab)
+            break
+    views = make_views(gather(ds, first[0]), replace(cfg, variant="2s"), torch.device("cpu"))
+    return (*first, views)
+
+
+def draw_sample(ds, cfg, path, sampling, log=print):
     """One training sample as the model sees it: the slab's slices (centre framed) with the anatomy
     mask (colours) and the finding masks (red outlines), then the 2 global and n_local local views
     with the patch targets of the dense heads (colour: the majority anatomy class of each 16 px
-    patch; red boxes: patches with an abnormality). plan, slab and views: train.picture_sample's."""
+    patch; red boxes: patches with an abnormality). sampling: as picture_sample takes it."""
     plt = pyplot(log)
     if plt is None:
         return None
+    plan, slab, views = picture_sample(ds, cfg, sampling)
     v = int(plan["vol"][0])
     ncol = max(len(slab), 2 + cfg.n_local // 2)
     fig, axes = plt.subplots(3, ncol, figsize=(2 * ncol, 6.4), squeeze=False)

@@ -19,13 +19,11 @@ crops, resizes, augments and derives the soft targets for the whole micro-batch 
 import json
 import math
 import os
-import shutil
 import sys
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -36,9 +34,11 @@ import torch.nn.functional as F
 import lejepa
 import prepare
 from common import (ABNORMALITY_CODES, FRACTION, N_ANATOMY, NONNEG, POSITIVE, Check, StepLog, at_least,
-                    atomic_torch_save, atomic_write_text, describe, one_of, parse_config, setting,
-                    setup_distributed, world_size, load_torch)
+                    atomic_torch_save, describe, one_of, parse_config, setting,
+                    setup_distributed, world_size, load_torch, write_output_folder)
+from kernels import fused_sigreg
 from lejepa import lejepa_loss
+from crops import boxes_to_theta, crop_boxes, crop_resize, intensity, mask_centres, soft_targets
 from model import PATCH, VIT_SIZES, DaleCT, vit_flops_per_image
 
 MULTIPLE_OF_PATCH = Check(lambda v: v > 0 and v % PATCH == 0, f"a positive multiple of the patch size {PATCH}")
@@ -219,86 +219,8 @@ def loader(ds, cfg, start_step, rank, world, accum, pin=False):
 
 
 # -----------------------------------------------------------------------------
-# Views and soft targets (device, batched). Rows are view-major: row v*B + b is view v of sample b.
-
-def crop_boxes(scale, pos, flip):
-    """affine_grid thetas for square crops: side `scale` (fraction of the slice side), top-left free
-    position `pos` in [0,1]^2 of the room left, horizontal flip folded in. (N,), (N,2), (N,) -> (N,2,3)"""
-    centre = scale[:, None] / 2 + pos * (1 - scale[:, None])  # (N, 2) in [0, 1] image coordinates
-    return boxes_to_theta(scale, centre, flip)
-
-
-def boxes_to_theta(scale, centre, flip):
-    theta = torch.zeros(len(scale), 2, 3, device=scale.device)
-    theta[:, 0, 0] = scale * (1 - 2 * flip)  # output x in [-1,1] -> input x; negative = mirrored
-    theta[:, 1, 1] = scale
-    theta[:, :, 2] = 2 * centre - 1
-    return theta  # (N, 2, 3)
-
-
-def mask_centres(abnormal, anatomy, pick):
-    """The centre (N, 2) in [0,1] (x, y) of the k-th foreground pixel per row, k = floor(pick * count),
-    abnormality mask first, else anatomy (a cumsum + searchsorted), and whether there was one (N,)."""
-    m = anatomy.shape[-1]
-    fg_abn, fg_anat = abnormal != 0, anatomy != 0  # (N, m, m)
-    fg = torch.where(fg_abn.flatten(1).any(1)[:, None], fg_abn.flatten(1), fg_anat.flatten(1))  # (N, m*m)
-    csum = fg.cumsum(1, dtype=torch.int32)  # (N, m*m)
-    count = csum[:, -1]  # (N,)
-    k = torch.minimum((pick * count).long(), (count - 1).clamp(min=0)).int() + 1  # (N,) 1-based
-    pos = torch.searchsorted(csum, k[:, None].contiguous()).squeeze(1).clamp(max=m * m - 1)  # (N,)
-    centre = torch.stack([(pos % m).float() + 0.5, (pos // m).float() + 0.5], 1) / m  # (N, 2)
-    return centre, count > 0
-
-
-def crop_resize(hu, theta, size, max_scale):
-    """Crop + resize HU slices: (N, S, S) -> (N, 1, size, size). Bilinear at `ss` points per output pixel
-    side, averaged: a cheap antialias when a crop is larger than the view (512 px into 256 px: ss = 2)."""
-    ss = max(1, math.ceil(max_scale * hu.shape[-1] / size - 1e-6))
-    grid = F.affine_grid(theta, (len(hu), 1, size * ss, size * ss), align_corners=False)
-    x = F.grid_sample(hu.unsqueeze(1).float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return F.avg_pool2d(x, ss) if ss > 1 else x  # (N, 1, size, size)
-
-
-def soft_targets(anatomy, abnormal, theta, size, r, families):
-    """Class fractions per 16x16 patch (r x r nearest-neighbour mask samples each) and per crop (their
-    mean: every patch is the same area), from the SAME crop boxes as the images."""
-    N, g = len(theta), size // PATCH  # g x g patches
-    n = g * r  # sample points per side
-    grid = F.affine_grid(theta, (N, 1, n, n), align_corners=False)
-    out = {}
-    if "anat" in families:
-        lab = F.grid_sample(anatomy.unsqueeze(1).float(), grid, mode="nearest", align_corners=False)
-        lab = lab.view(N, n, n).long()  # (N, n, n) label per sample point
-        patch = (torch.arange(n, device=lab.device) // r)  # (n,) patch row/column of each sample
-        cell = (patch[:, None] * g + patch[None, :]) * N_ANATOMY  # (n, n)
-        counts = torch.zeros(N, g * g * N_ANATOMY, device=lab.device)
-        counts.scatter_add_(1, (cell + lab).view(N, -1), torch.ones(N, n * n, device=lab.device))
-        out["anat_patch"] = counts.view(N, g * g, N_ANATOMY) / (r * r)  # (N, T, 118)
-        out["anat_cls"] = out["anat_patch"].mean(1)  # (N, 118)
-    if "abn" in families:
-        bits = F.grid_sample(abnormal.unsqueeze(1).float(), grid, mode="nearest", align_corners=False).int()
-        codes = torch.arange(len(ABNORMALITY_CODES), device=bits.device).view(1, -1, 1, 1)
-        bits = ((bits >> codes) & 1).float()  # (N, 14, n, n)
-        out["abn_patch"] = F.avg_pool2d(bits, r).flatten(2).transpose(1, 2)  # (N, T, 14)
-        out["abn_cls"] = out["abn_patch"].mean(1)  # (N, 14)
-    return out
-
-
-def intensity(hu, gamma, sigma):
-    """u -> u^gamma on u = clip(HU) scaled to [0,1] by prepare.HU_CLIP, back to HU, z-scored, then a
-    per-row 3x3 Gaussian blur. (N,1,H,W), (N,), (N,) -> (N,1,H,W); sigma 0 = no blur."""
-    lo, hi = prepare.HU_CLIP
-    u = ((hu - lo) / (hi - lo)).clamp(0, 1) ** gamma.view(-1, 1, 1, 1)
-    x = prepare.normalize_hu(lo + u * (hi - lo))  # (N, 1, H, W)
-    if sigma is None:
-        return x
-    w = torch.exp(-torch.tensor([1.0, 0.0, 1.0], device=x.device) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))  # (N, 3)
-    w = w / w.sum(1, keepdim=True)
-    kernel = (w[:, :, None] * w[:, None, :]).unsqueeze(1)  # (N, 1, 3, 3); sigma 0 -> the identity
-    N, _, H, W = x.shape
-    x = F.conv2d(F.pad(x.view(1, N, H, W), (1, 1, 1, 1), mode="replicate"), kernel, groups=N)
-    return x.view(N, 1, H, W)
-
+# Views and soft targets (device, batched; the crop, resize and intensity operations are in crops.py).
+# Rows are view-major: row v*B + b is view v of sample b.
 
 def make_views(batch, cfg, device):
     """CPU micro-batch from gather() -> network inputs and soft targets on `device`.
@@ -430,23 +352,6 @@ def get_lr(step, cfg):
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * t)) * (cfg.lr - cfg.min_lr)
 
 
-def picture_sample(ds, cfg, tries=256):
-    """(plan, slab slice indices, views) of the sample --picture draws: the first training draw (step s,
-    slot 0) whose slab shows a finding, else step 0's; its views with the 2S targets."""
-    first = None
-    for step in range(tries):
-        plan = plan_slabs(ds, cfg, step, [0])
-        v = int(plan["vol"][0])
-        lo, hi = slab_range(int(ds.count[v]), int(plan["centre"][0] - ds.start[v]), float(ds.z_mm[v]), cfg.slab_mm)
-        slab = range(int(ds.start[v]) + lo, int(ds.start[v]) + hi + 1)
-        first = first or (plan, slab)
-        if ds.has_abnormality[v] and ds.abnormal[slab.start:slab.stop].any():
-            first = (plan, slab)
-            break
-    views = make_views(gather(ds, first[0]), replace(cfg, variant="2s"), torch.device("cpu"))
-    return (*first, views)
-
-
 # -----------------------------------------------------------------------------
 # Checkpoints
 
@@ -513,22 +418,6 @@ def load_checkpoint(path, raw, optimizer, cfg):
 # Set-up and logging: what main() needs before its loop, and its log lines
 
 
-def fused_sigreg(device, log, tol={"torch.float32": 5e-3, "torch.bfloat16": 2e-2}):
-    """The Triton SIGReg, once it matches lejepa's PyTorch SIGReg on this GPU (kernels/sigreg.py's own
-    check at startup), else None: a kernel or Triton-version problem then costs speed, never a wrong loss."""
-    try:
-        from kernels.sigreg import check, sigreg_fused
-        worst = check(device, log=lambda *a: None)
-    except Exception as e:  # triton missing, a compile error on this GPU, ...
-        log(f"fused SIGReg unavailable here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"using the PyTorch path")
-        return None
-    ok = all(worst.get(k, float("inf")) < v for k, v in tol.items())
-    log(f"fused SIGReg check: worst relative error {', '.join(f'{k[6:]} {v:.1e}' for k, v in worst.items())} -> "
-        + ("using the Triton kernel" if ok else "MISMATCH, using the PyTorch path (run python kernels/sigreg.py)"))
-    return sigreg_fused if ok else None
-
-
 def build(cfg, ds, device, ddp, world, accum, log):
     """The model (compiled, then DDP-wrapped), its optimiser, the step to start from, the BCE weights."""
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -553,21 +442,6 @@ def build(cfg, ds, device, ddp, world, accum, log):
     log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M "
         f"parameters; {world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
     return raw, model, optimizer, start, pos_anat, pos_weight
-
-
-def prepare_out_dir(cfg, raw):
-    """config.json into out_dir, which must be writable and hold two checkpoints (the next is written beside
-    the last): said now, not after hours of training."""
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        atomic_write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(asdict(cfg), indent=1))
-    except OSError as e:
-        raise SystemExit(f"--out_dir={cfg.out_dir}: cannot write there ({e.strerror}); pick a writable folder")
-    need = 2 * 3 * 4 * sum(p.numel() for p in raw.parameters())  # float32 weights and Adam's two moments
-    free = shutil.disk_usage(cfg.out_dir).free
-    if free < need:
-        raise SystemExit(f"--out_dir={cfg.out_dir}: {free / 1e9:.2f} GB free, checkpoints need {need / 1e9:.2f} GB; "
-                         f"free some space or pick another folder")
 
 
 def open_data(cfg, log):
@@ -605,10 +479,11 @@ def main(argv=None):
     raw, model, optimizer, start, pos_anat, pos_weight = build(cfg, ds, device, ddp, world, accum, log)
     if cfg.picture:
         import plots
-        return plots.draw_sample(ds, cfg, cfg.picture, *picture_sample(ds, cfg), log)
+        return plots.draw_sample(ds, cfg, cfg.picture, (plan_slabs, slab_range, gather, make_views), log)
 
-    if master:
-        prepare_out_dir(cfg, raw)
+    if master:  # room for two checkpoints (the next beside the last): float32 weights and Adam's two moments
+        write_output_folder(cfg.out_dir, "--out_dir", {"config.json": json.dumps(asdict(cfg), indent=1)},
+                            need=2 * 3 * 4 * sum(p.numel() for p in raw.parameters()))
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg.dtype)) if device.type == "cuda" else nullcontext()
     stop = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     batches = loader(ds, cfg, start, rank, world, accum, pin=device.type == "cuda")

@@ -12,12 +12,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import common
+import crops
+import kernels
 import plots
 import prepare
 import train
 from model import build_vit, load_backbone
 from phantom import write_phantom
 
+SAMPLING = (train.plan_slabs, train.slab_range, train.gather, train.make_views)  # what plots.draw_sample takes
 PRESETS = sorted(f[:-5] for f in os.listdir(common.CONFIG_DIR) if f.endswith(".json"))
 
 
@@ -181,8 +184,8 @@ def test_targets_equal_direct_fractions():
     anat = torch.randint(0, 6, (1, m, m), generator=gen, dtype=torch.uint8)
     abn = torch.randint(0, 1 << 14, (1, m, m), generator=gen).to(torch.int16)
     # a box of 16 mask px (scale 0.5) starting at mask pixel (x=8, y=4): one sample per mask pixel
-    theta = train.boxes_to_theta(torch.tensor([0.5]), torch.tensor([[16 / m, 12 / m]]), torch.tensor([0.0]))
-    t = train.soft_targets(anat, abn, theta, 64, r, ("anat", "abn"))
+    theta = crops.boxes_to_theta(torch.tensor([0.5]), torch.tensor([[16 / m, 12 / m]]), torch.tensor([0.0]))
+    t = crops.soft_targets(anat, abn, theta, 64, r, ("anat", "abn"))
     crop_anat, crop_abn = anat[0, 4:20, 8:24].long(), abn[0, 4:20, 8:24].int()
     for c in range(6):
         assert t["anat_cls"][0, c].item() == pytest.approx((crop_anat == c).float().mean().item())
@@ -202,8 +205,8 @@ def test_targets_approximate_unaligned_crops():
     yy, xx = torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij")
     anat = ((xx >= 40) * 3).to(torch.uint8)[None]  # class 3 right of x = 40 mask px
     scale, cx = 0.37, 0.6
-    theta = train.boxes_to_theta(torch.tensor([scale]), torch.tensor([[cx, 0.5]]), torch.tensor([0.0]))
-    t = train.soft_targets(anat, torch.zeros_like(anat, dtype=torch.int16), theta, 128, 8, ("anat",))
+    theta = crops.boxes_to_theta(torch.tensor([scale]), torch.tensor([[cx, 0.5]]), torch.tensor([0.0]))
+    t = crops.soft_targets(anat, torch.zeros_like(anat, dtype=torch.int16), theta, 128, 8, ("anat",))
     x0, x1 = (cx - scale / 2) * m, (cx + scale / 2) * m
     assert t["anat_cls"][0, 3].item() == pytest.approx((x1 - 40) / (x1 - x0), abs=1 / 64)
 
@@ -216,7 +219,7 @@ def test_mask_centres_prefer_abnormality_then_anatomy():
     abn[0, 10, 12] = 4  # row 0: one abnormal pixel (x=12, y=10) and some anatomy
     anat[1, 8:10, 1:3] = 7  # row 1: anatomy only; row 2: nothing
     for pick in (0.0, 0.5, 0.999):
-        centre, found = train.mask_centres(abn, anat, torch.full((3,), pick))
+        centre, found = crops.mask_centres(abn, anat, torch.full((3,), pick))
         assert found.tolist() == [True, True, False]
         torch.testing.assert_close(centre[0], torch.tensor([12.5, 10.5]) / m)
         x, y = (centre[1] * m - 0.5).round().long().tolist()
@@ -255,12 +258,12 @@ def test_views_are_normalised_and_augmented(prepared):
     assert v["xg"].min() >= lo - 1e-4 and v["xg"].max() <= hi + 1e-4
     # gamma: u -> u^gamma keeps the window's ends and moves the middle
     hu = torch.linspace(*prepare.HU_CLIP, 11).view(1, 1, 1, 11)
-    out = train.intensity(hu, torch.tensor([1.1]), None)
+    out = crops.intensity(hu, torch.tensor([1.1]), None)
     assert out[0, 0, 0, 0] == pytest.approx(lo.item(), abs=1e-5) and out[0, 0, 0, -1] == pytest.approx(hi.item(), abs=1e-5)
     assert (out[0, 0, 0, 1:-1] < prepare.normalize_hu(hu)[0, 0, 0, 1:-1]).all()
     # blur: sigma 0 is the identity, a blurred image keeps its mean and loses variance
     x = torch.randn(2, 1, 16, 16) * 300
-    y = train.intensity(x, torch.ones(2), torch.tensor([0.0, 1.0]))
+    y = crops.intensity(x, torch.ones(2), torch.tensor([0.0, 1.0]))
     torch.testing.assert_close(y[0], prepare.normalize_hu(x[0]))
     assert y[1].var() < prepare.normalize_hu(x[1]).var() * 0.7
 
@@ -508,7 +511,7 @@ def test_out_dir_that_cannot_take_checkpoints_is_refused_before_training(prepare
     if os.access(locked, os.W_OK):  # root writes anywhere: refuse the write the way a read-only disk would
         def refused(*args):
             raise PermissionError(13, "Permission denied")
-        monkeypatch.setattr(train, "atomic_write_text", refused)
+        monkeypatch.setattr(common, "atomic_write_text", refused)
     one_line_error(tiny_args(prepared, locked / "run"), "cannot write there")
     monkeypatch.undo()
     real = shutil.disk_usage
@@ -534,14 +537,14 @@ def test_fused_sigreg_is_used_only_after_it_matches(monkeypatch):
     import kernels.sigreg as ks
     lines = []
     monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 1e-3})
-    assert train.fused_sigreg("cuda", lines.append) is ks.sigreg_fused
+    assert kernels.fused_sigreg("cuda", lines.append) is ks.sigreg_fused
     monkeypatch.setattr(ks, "check", lambda device, log=print: {"torch.float32": 1e-6, "torch.bfloat16": 0.5})
-    assert train.fused_sigreg("cuda", lines.append) is None and "MISMATCH" in lines[-1]
+    assert kernels.fused_sigreg("cuda", lines.append) is None and "MISMATCH" in lines[-1]
 
     def broken(device, log=print):
         raise RuntimeError("PTX compile failed")
     monkeypatch.setattr(ks, "check", broken)
-    assert train.fused_sigreg("cuda", lines.append) is None and "PTX compile failed" in lines[-1]
+    assert kernels.fused_sigreg("cuda", lines.append) is None and "PTX compile failed" in lines[-1]
 
 
 def test_picture_shows_a_finding_when_there_is_one(prepared):
@@ -550,12 +553,12 @@ def test_picture_shows_a_finding_when_there_is_one(prepared):
     ds = prepare.open_split(prepared, "train")
     cfg = tiny_cfg(prepared, variant="0")
     assert ds.has_abnormality.any() and not ds.has_abnormality.all()
-    plan, slab, _ = train.picture_sample(ds, cfg)
+    plan, slab, _ = plots.picture_sample(ds, cfg, SAMPLING)
     v = int(plan["vol"][0])
     assert ds.start[v] <= slab.start and slab.stop <= ds.start[v] + ds.count[v] and int(plan["centre"][0]) in slab
     assert ds.abnormal[slab.start:slab.stop].any()
     ds.has_abnormality = np.zeros_like(ds.has_abnormality)  # no volume with masks: step 0's draw
-    plan0, _, _ = train.picture_sample(ds, cfg)
+    plan0, _, _ = plots.picture_sample(ds, cfg, SAMPLING)
     assert all(np.array_equal(plan0[k], train.plan_slabs(ds, cfg, 0, [0])[k]) for k in plan0)
 
 
@@ -574,11 +577,10 @@ def test_pictures_are_optional_and_drawn_when_possible(prepared, tmp_path, monke
 
     with monkeypatch.context() as m:
         m.setattr(builtins, "__import__", no_matplotlib)
-        sample = train.picture_sample(ds, cfg)
-        assert plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), *sample, lines.append) is None
+        assert plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), SAMPLING, lines.append) is None
     assert "pip install matplotlib" in lines[-1] and not (tmp_path / "s.png").exists()
     pytest.importorskip("matplotlib")
-    png = plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), *sample, lines.append)
+    png = plots.draw_sample(ds, cfg, str(tmp_path / "s.png"), SAMPLING, lines.append)
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"step": s, "loss": 1.0 / s, "inv": 0.1, "sigreg": 2.0}) for s in (1, 2, 3)))
@@ -694,7 +696,7 @@ def test_two_nodes_on_loopback_equal_one_process(prepared, tmp_path):
     from conftest import free_port
     train.main(tiny_args(prepared, tmp_path / "one", max_steps=6, micro_batch=8, device="cpu"))
     endpoint = f"127.0.0.1:{free_port()}"
-    nodes = [torchrun([f"--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}", "--rdzv_backend=c10d",
+    nodes = [torchrun(["--nnodes=2", "--nproc_per_node=1", f"--node_rank={n}", "--rdzv_backend=c10d",
                        f"--rdzv_endpoint={endpoint}", "--rdzv_id=dalect_test", "train.py",
                        *tiny_args(prepared, tmp_path / "two", max_steps=6, micro_batch=4, device="cpu")])
              for n in (0, 1)]
