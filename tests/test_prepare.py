@@ -332,6 +332,14 @@ def test_a_broken_rex_index_is_one_line(phantom_src, tmp_path, content, needle):
 
 
 def test_disk_full_or_read_only_out_is_one_line(phantom_src, tmp_path, monkeypatch):
+    def read_only(path, *args, **kwargs):  # root writes through permission bits: refuse as a read-only disk
+        raise OSError(30, "Read-only file system", str(path))
+    with monkeypatch.context() as m:
+        m.setattr(os, "makedirs", read_only)
+        with pytest.raises(SystemExit) as e:
+            prepare.main([f"--src={phantom_src}", f"--out={tmp_path / 'ro'}", "--workers=1"])
+    assert "Read-only file system" in str(e.value.code) and "\n" not in str(e.value.code)
+
     def full(stage, job, arrays):
         raise OSError(28, "No space left on device", str(tmp_path / "out" / ".staging"))
     monkeypatch.setattr(prepare, "write_slot", full)
