@@ -177,10 +177,18 @@ def _parse(cls, argv, prog, bare, presets):
     for key, value in pairs:
         if not (key == "config" and presets):
             apply(cfg, key, value, "command line")
+    validate(cfg, "command line", fields_too=False)  # each field passed its checks as it was set
+    return cfg
+
+
+def validate(cfg, where, fields_too=True):
+    """Every field's checks (for a config built in code, which no parser has seen), then the config's own
+    problems() across fields; raises SettingError with the first one."""
+    for f in fields(cfg) if fields_too else ():
+        apply(cfg, f.name, getattr(cfg, f.name), where)
     problem = next(iter(cfg.problems()), None) if hasattr(cfg, "problems") else None
     if problem:
         raise SettingError(problem)
-    return cfg
 
 
 def describe(cfg):
@@ -271,12 +279,6 @@ def restart_store(rank, world):
 
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def print0(*args, **kwargs):
-    """print on rank 0 only."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        print(*args, **kwargs)
 
 
 # Dense bf16 tensor FLOP/s from the vendors' datasheets, for MFU: {name fragment: FLOP/s}, the first match wins.

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 import ctrate
-from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, at_least,
-                    atomic_write_text, describe, in_processes, one_of, parse_config, remove_owned, setting)
+from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, SettingError, at_least,
+                    atomic_write_text, describe, in_processes, one_of, parse_config, remove_owned, setting, validate)
 from ctrate import Reject, load_nifti, natural_key
 
 # -----------------------------------------------------------------------------
@@ -551,10 +551,10 @@ def claim_staging(stage, params):
 
 def prepare(cfg, progress=True):
     """The whole stage, one run at a time on an --out (a second run refuses). Returns the manifest (dict)."""
-    if cfg.hu not in HU_SOURCES:  # a Config made in code has not passed the command line's checks
-        raise SystemExit(f"--hu={cfg.hu}: use auto, header or csv")
-    for problem in cfg.problems():
-        raise SystemExit(problem)
+    try:  # a Config made in code has not passed the command line's checks
+        validate(cfg, "prepare.py")
+    except SettingError as e:
+        raise SystemExit(str(e)) from None
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, ".lock"), "w") as lock:  # released when the run ends, however it ends
         try:

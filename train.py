@@ -279,7 +279,7 @@ def step_mask_counts(micro_views, cfg):
     """Samples with anatomy / abnormality masks over all micro-batches of a step and all ranks."""
     counts = torch.stack([sum(v["has_anatomy"].sum() for v in micro_views),
                           sum(v["has_abnormality"].sum() for v in micro_views)]).float()  # (2,)
-    if dist.is_available() and dist.is_initialized():
+    if world_size() > 1:
         dist.all_reduce(counts)
     return {"anat": counts[0], "abn": counts[1]}
 

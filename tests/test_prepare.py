@@ -673,3 +673,11 @@ def test_a_foreign_split_folder_is_never_deleted(phantom_src, tmp_path):
     with pytest.raises(SystemExit, match="did not write.*notes.txt"):
         prepare.prepare(cfg_for(phantom_src, out), progress=False)
     assert (out / "test" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("bad, flag", [(dict(hu="guess"), "--hu=guess"), (dict(z_mm=-1.0), "--z_mm=-1.0"),
+                                       (dict(size=0), "--size=0")])
+def test_a_config_built_in_code_gets_the_command_lines_checks(phantom_src, tmp_path, bad, flag):
+    with pytest.raises(SystemExit) as e:
+        prepare.prepare(cfg_for(phantom_src, tmp_path / "out", **bad), progress=False)
+    assert flag in str(e.value.code) and not (tmp_path / "out").exists()
