@@ -434,7 +434,7 @@ def read_state_dict(path):
             raise ImportError(f"{path}: reading .safetensors needs the safetensors package: "
                               "pip install safetensors") from None
         obj = load_file(str(path), device="cpu")
-    elif path.suffix in (".pt", ".pth"):
+    elif path.suffix in (".pt", ".pth", ".bin"):  # .bin: transformers' pytorch_model.bin, a torch.save file
         obj = load_torch(path)  # weights_only: a checkpoint from the internet must not run code when opened
     else:
         raise ValueError(f"{path}: unknown checkpoint type {path.suffix!r}; expected .safetensors, .pt or .pth")

@@ -10,7 +10,8 @@ functions here, so that where a file lives is written down once (RECIPE.md 2):
     rexgroundingct/dataset.json, rexgroundingct/segmentations/{name}.nii.gz   ReXGroundingCT finding masks
 
 split is CT-RATE's `train` or `valid`; p, s and r number the patient, the scan (a, b, ...) and the
-reconstruction. Volumes are NIfTI arrays in (X, Y, Z) order.
+reconstruction. Volumes are NIfTI arrays in (X, Y, Z) order. A "plain" folder, your own scans, is only
+NIfTI files (anywhere below it): names from the files, HU and spacing from the headers, no labels or masks.
 """
 import csv
 import gzip
@@ -120,7 +121,9 @@ def read_labels(path):
 
 
 def label_values(row, path):
-    """The 18 labels of a labels-CSV row as ints."""
+    """The 18 labels of a labels-CSV row as ints; None for a volume without one (a plain folder's)."""
+    if row is None:
+        return None
     labels = []
     for c in LABELS:
         v = row[c].strip()
@@ -136,7 +139,9 @@ def parse_numbers(text):
 
 def csv_spacing(row):
     """(in-plane, z) mm of a metadata row, or None where its text is unusable; XYSpacing is text such
-    as "[0.75, 0.75]" (RECIPE.md 2)."""
+    as "[0.75, 0.75]" (RECIPE.md 2). None for a volume without a row (a plain folder's)."""
+    if row is None:
+        return None
     xy, z = parse_numbers(row["XYSpacing"]), parse_numbers(row["ZSpacing"])
     return (xy[0], z[0]) if len(xy) >= 1 and len(z) == 1 and min(xy + z) > 0 else None
 
@@ -219,7 +224,103 @@ def scan(src, rex_dir):
                                 meta=meta[name][0], labels=labels[name][0],
                                 anat=anat if os.path.exists(anat) else None, rex=entry,
                                 rex_path=rex_mask_path(rex_dir, name) if entry else None))
+    if not volumes and not rejects:
+        raise SystemExit(f"{src}: no volumes found under train_fixed/, valid_fixed/, train/ or valid/. "
+                         f"Point --src at a CT-RATE folder, or run `python phantom.py` first.")
     return volumes, rejects
+
+
+def assign_splits(jobs, val_patients, seed):
+    """Our splits, by patient (RECIPE.md 2): CT-RATE valid -> test; a seeded random set of CT-RATE train
+    patients, at most a fifth, -> val; the rest -> train."""
+    train_patients = sorted({j["patient"] for j in jobs if j["src_split"] == "train"}, key=natural_key)
+    n_val = min(val_patients, len(train_patients) // 5)
+    val = set(np.random.default_rng(seed).permutation(train_patients)[:n_val].tolist())
+    for j in jobs:
+        j["split"] = "test" if j["src_split"] == "valid" else ("val" if j["patient"] in val else "train")
+
+
+# -----------------------------------------------------------------------------
+# A plain folder: your own scans, NIfTI files and nothing else (no CSVs, labels or masks)
+
+LAYOUTS = ("auto", "ctrate", "plain")
+MARKS = ["train_fixed", "valid_fixed", "train", "valid", "metadata", "multi_abnormality_labels"]
+
+
+def source_layout(cfg):
+    """prepare.py's --layout, or for auto: "ctrate" where --src has CT-RATE's folders and a metadata CSV, "plain"
+    where it has none of those folders, one line where it cannot tell. Refuses the other layout's flags."""
+    marks = [d for d in MARKS if os.path.isdir(os.path.join(cfg.src, d))]
+    if cfg.layout == "auto" and marks and not any(os.path.isfile(os.path.join(cfg.src, meta_csv(s))) for s in SPLITS):
+        raise SystemExit(f"{cfg.src}: cannot tell its layout: it has CT-RATE's {marks[0]}/ but no metadata CSV; "
+                         f"pass --layout=plain (its NIfTI files, no labels), or restore metadata/")
+    kind = cfg.layout if cfg.layout != "auto" else ("ctrate" if marks else "plain")
+    if kind == "ctrate" and cfg.split:
+        raise SystemExit(f"--split={cfg.split} is for a plain folder; {cfg.src} has CT-RATE's layout, whose splits "
+                         f"come from CT-RATE's train/valid and --val_patients: drop --split, or pass --layout=plain")
+    if kind == "plain" and (cfg.hu == "csv" or cfg.rex):
+        raise SystemExit(f"{'--hu=csv' if cfg.hu == 'csv' else '--rex'} needs CT-RATE's files, and {cfg.src} is a "
+                         f"plain folder (HU and spacing from the headers): drop it, or pass --layout=ctrate")
+    return kind
+
+
+def scan_plain(src, split):
+    """Every NIfTI file anywhere under src as a volume of `split` named by its file, with no CSV row, labels or
+    masks: its header alone gives HU and spacing. A CT-RATE name gives its patient, any other name is a patient
+    of its own. Two files of one name are a reject naming both."""
+    found = find_images(src)
+    if not found:
+        raise SystemExit(f"{src}: no volumes found: " + ("no .nii or .nii.gz file in it or below, nor CT-RATE's "
+                         "folders" if os.path.isdir(src) else "no such folder") + ". Point --src at a folder of "
+                         "volumes (or CT-RATE's), or run `python phantom.py` first.")
+    volumes, rejects = [], []
+    for name in sorted(found, key=natural_key):
+        paths = sorted(found[name])
+        if len(paths) > 1:
+            rejects.append((name, paths[0], f"duplicate volume name: {' and '.join(paths)} are both {name}; "
+                                            f"rename or remove one"))
+            continue
+        m = NAME_RE.match(name)
+        volumes.append(dict(name=name, patient=f"{m.group(1)}_{m.group(2)}" if m else name, src_split=None,
+                            split=split, path=paths[0], meta=None, labels=None, anat=None, rex=None, rex_path=None))
+    return volumes, rejects
+
+
+# -----------------------------------------------------------------------------
+# Geometry: the header's, or the CSV row's where the header has none (RECIPE.md 2)
+
+SPACING_TOL = 0.02  # header and CSV spacing may differ by 2% before we call it a disagreement
+# Plausible CT geometry, wide enough for downsampled copies (the phantom's 64 px); README: bad inputs
+SPACING_MM, FOV_MM, LENGTH_MM = (0.05, 30.0), (50.0, 1000.0), 2500.0
+
+
+def geometry(img, job):
+    """In-plane and z spacing in mm, whether array index z runs toward the head, and where that came from."""
+    aff = img.affine
+    header_known = not np.allclose(aff[:3, :3], np.eye(3))  # CT-RATE originals: identity = no spacing
+    listed = csv_spacing(job["meta"])
+    if header_known:
+        xy, z = float(img.header.get_zooms()[0]), float(img.header.get_zooms()[2])
+        if listed and (abs(xy - listed[0]) > SPACING_TOL * xy or abs(z - listed[1]) > SPACING_TOL * z):
+            raise Reject(f"{job['path']}: spacing disagreement: header says {xy:g} x {z:g} mm, metadata CSV says "
+                         f"{listed[0]:g} x {listed[1]:g} mm; fix whichever is wrong")
+    elif listed:
+        xy, z = listed
+    elif job["meta"] is None:  # a plain folder: the header is all there is
+        raise Reject(f"{job['path']}: no spacing: identity affine and no metadata CSV; write the spacing into "
+                     f"its header")
+    else:
+        raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
+                     f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
+    fov, length = xy * img.shape[0], z * img.shape[2]
+    if not (SPACING_MM[0] <= min(xy, z) and max(xy, z) <= SPACING_MM[1] and FOV_MM[0] <= fov <= FOV_MM[1]
+            and length <= LENGTH_MM):
+        raise Reject(f"{job['path']}: implausible spacing {xy:g} x {z:g} mm ({fov:g} mm across, {length:g} mm long); "
+                     f"CT spacing lies in {SPACING_MM[0]:g}-{SPACING_MM[1]:g} mm: fix XYSpacing/ZSpacing or the header")
+    # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
+    # (RAS); we flip such volumes so that slice 0 is always the most superior one. An identity affine
+    # carries no direction: we then assume the same (index up = superior) and say so in the table.
+    return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
 
 
 # -----------------------------------------------------------------------------

@@ -67,18 +67,18 @@ done
 #    run's config.json, so a TRAIN_ARGS override of it reaches the floor too).
 LS_INIT=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['layerscale_init'])" "$OUT/dale_ct_0/config.json")
 stamp "probe.py: random init"
-$PY probe.py --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
+$PY probe.py --config=probe_demo --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
     --out="$OUT/probe_random" $PROBE_ARGS | show "^\| (AUROC|AUPRC) |^Depth"
 for v in 0 2s; do
     stamp "probe.py: DALE-CT-$v"
-    $PY probe.py --ckpt="$OUT/dale_ct_$v/ckpt.pt" --data="$DATA/prepared" --img_size=$SIZE \
+    $PY probe.py --config=probe_demo --ckpt="$OUT/dale_ct_$v/ckpt.pt" --data="$DATA/prepared" --img_size=$SIZE \
         --steps=$PROBE_STEPS --out="$OUT/probe_$v" $PROBE_ARGS | show "^\| (AUROC|AUPRC) |^Depth"
 done
 
 # 6. One table: each row with its seed spread and bootstrap interval, and the paired bootstrap
 #    interval of its AUROC gain over the row above (an interval that excludes 0 is a real gain).
 stamp "probe.py --compare"
-$PY probe.py --compare="$OUT/probe_random,$OUT/probe_0,$OUT/probe_2s" --out="$OUT" | { grep -v "^config:" || true; }
+$PY probe.py --config=probe_demo --compare="$OUT/probe_random,$OUT/probe_0,$OUT/probe_2s" --out="$OUT" | { grep -v "^config:" || true; }
 stamp "done"
 echo "table:            $OUT/comparison.md (and comparison.json); per model: $OUT/probe_{random,0,2s}/results.md"
 for f in "$OUT/sample.png" "$OUT"/dale_ct_{0,2s}/loss.png "$OUT"/probe_{random,0,2s}/roc.png "$OUT/comparison.png"; do

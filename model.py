@@ -2,25 +2,26 @@
 The DALE-CT networks (RECIPE.md 4): a ViT backbone for single-channel CT slices, the LeJEPA
 projector on its CLS token, the dense heads on CLS and patch tokens, and the three as one module.
 
-The backbone is timm's VisionTransformer written out plainly (patch 16, CLS token, learned position
-embeddings resampled to any size, pre-norm blocks with LayerScale, final LayerNorm, no registers), with
-timm's parameter names and shapes, so weights move both ways without a converter; our state dict is that of
+The backbone is timm's VisionTransformer written out plainly (patch 16 by default, CLS token, optional
+register tokens, learned position embeddings resampled to any size, pre-norm blocks with LayerScale, final
+LayerNorm), with timm's parameter names and shapes, so weights move both ways without a converter; by
+default our state dict is that of
 
     timm.create_model("vit_large_patch16_224", img_size=512, in_chans=1, num_classes=0,
                       init_values=1e-5, dynamic_img_size=True)
 
-load_backbone is strict: every backbone key present with its shape; only a timm classifier head is ignored.
+Reading checkpoints (ours, timm's, Hugging Face DINOv2) is backbones.py's job; load_backbone is its strict
+loader for a ViT you built yourself.
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import ABNORMALITY_CODES, N_ANATOMY, read_state_dict
+from common import ABNORMALITY_CODES, N_ANATOMY
 
-PATCH = 16  # pixels per patch side; every input side must be a multiple of it
+PATCH = 16  # the default pixels per patch side (ours, DALE-CT-2S/0); every input side must be a multiple of it
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,27 @@ def size_name(embed_dim, depth):
     return next((n for n, s in VIT_SIZES.items() if (s.embed_dim, s.depth) == (embed_dim, depth)), None)
 
 
-def resample_pos_embed(pos_embed, new_grid, old_grid):
-    """(1, 1+h*w, D) -> (1, 1+H*W, D): the CLS position stays, the grid is resampled as timm's
-    resample_abs_pos_embed does (bicubic, antialiased, float32); the identity at the native grid."""
+def resample_pos_embed(pos_embed, new_grid, old_grid, prefix=1, antialias=True):
+    """(1, P+h*w, D) -> (1, P+H*W, D): the P prefix positions (CLS, registers) stay, the grid is resampled
+    bicubically in float32 to the new size, as timm's resample_abs_pos_embed (antialiased) and transformers'
+    Dinov2Model (antialias=False: its PyTorch kernel then uses a=-0.75, not -0.5) do; identity at the native grid."""
     if tuple(new_grid) == tuple(old_grid):
         return pos_embed
-    cls_pos, grid = pos_embed[:, :1], pos_embed[:, 1:]  # (1, 1, D), (1, h*w, D)
+    head, grid = pos_embed[:, :prefix], pos_embed[:, prefix:]  # (1, P, D), (1, h*w, D)
     D = grid.shape[-1]
     grid = grid.float().reshape(1, *old_grid, D).permute(0, 3, 1, 2)  # (1, D, h, w)
-    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=True)  # (1, D, H, W)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode="bicubic", antialias=antialias)  # (1, D, H, W)
     grid = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)  # (1, H*W, D)
-    return torch.cat([cls_pos, grid], dim=1)  # (1, 1+H*W, D)
+    return torch.cat([head, grid], dim=1)  # (1, P+H*W, D)
 
 
 # ----------------------------------------------------------------------------------------
 # The backbone. Module and attribute names below are the state-dict keys: keep them timm's.
 
 class PatchEmbed(nn.Module):
-    def __init__(self, in_chans, dim):
+    def __init__(self, in_chans, dim, patch_size=PATCH):
         super().__init__()
-        self.proj = nn.Conv2d(in_chans, dim, kernel_size=PATCH, stride=PATCH)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x):  # x (B, C, H, W)
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, T, D), row-major over the grid
@@ -122,17 +124,28 @@ class Block(nn.Module):
 
 
 class ViT(nn.Module):
-    def __init__(self, embed_dim, depth, num_heads, img_size=256, in_chans=1, mlp_ratio=4.0, init_values=1e-5):
+    """reg_tokens: register tokens after CLS (Darcet et al., 2309.16588), dropped from the output.
+    Positions follow timm's VisionTransformer._pos_embed: the table holds one row per prefix token (CLS,
+    then registers) ahead of the grid, never resampled; with no_embed_class it holds the grid alone and
+    CLS and registers get none (how timm stores DINOv2 with registers: CLS position folded into cls_token).
+    pos_antialias: the resampling rule of the weights' origin (timm: True; transformers' Dinov2Model: False)."""
+
+    def __init__(self, embed_dim, depth, num_heads, img_size=256, in_chans=1, mlp_ratio=4.0, init_values=1e-5,
+                 patch_size=PATCH, reg_tokens=0, no_embed_class=False, pos_antialias=True):
         super().__init__()
-        if img_size % PATCH:
-            raise ValueError(f"img_size={img_size} is not a multiple of the patch size {PATCH}: "
-                             f"pick e.g. {max(1, round(img_size / PATCH)) * PATCH}")
+        if img_size % patch_size:
+            raise ValueError(f"img_size={img_size} is not a multiple of the patch size {patch_size}: "
+                             f"pick e.g. {max(1, round(img_size / patch_size)) * patch_size}")
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
-        self.img_size, self.in_chans = img_size, in_chans
-        self.grid = (img_size // PATCH, img_size // PATCH)  # the grid pos_embed is stored at
+        self.img_size, self.in_chans, self.patch_size, self.reg_tokens = img_size, in_chans, patch_size, reg_tokens
+        self.no_embed_class, self.pos_antialias = no_embed_class, pos_antialias
+        self.pos_prefix = 0 if no_embed_class else 1 + reg_tokens  # rows of pos_embed ahead of the grid
+        self.grid = (img_size // patch_size, img_size // patch_size)  # the grid pos_embed is stored at
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], embed_dim))
-        self.patch_embed = PatchEmbed(in_chans, embed_dim)
+        if reg_tokens:  # absent, not empty, without registers: the default state dict stays timm's
+            self.reg_token = nn.Parameter(torch.zeros(1, reg_tokens, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_prefix + self.grid[0] * self.grid[1], embed_dim))
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, mlp_ratio, init_values) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()
@@ -142,6 +155,8 @@ class ViT(nn.Module):
         # timm's: tiny CLS token, truncated normal (std .02) positions and linear weights, zero biases
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_tokens:  # after CLS, as timm: a model without registers draws the same numbers as before
+            nn.init.normal_(self.reg_token, std=1e-6)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -149,16 +164,21 @@ class ViT(nn.Module):
 
     def forward(self, x):  # x (B, C, H, W), normalised HU
         B, _, H, W = x.shape
-        if H % PATCH or W % PATCH:
-            raise ValueError(f"input is {H}x{W} px but the ViT needs sides that are multiples of {PATCH}: "
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input is {H}x{W} px but the ViT needs sides that are multiples of {p}: "
                              "crop or resize it")
-        x = self.patch_embed(x)  # (B, T, D), T = H/16 * W/16
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+T, D)
-        x = x + resample_pos_embed(self.pos_embed, (H // PATCH, W // PATCH), self.grid)  # (B, 1+T, D)
+        x = self.patch_embed(x)  # (B, T, D), T = H/p * W/p
+        pos = resample_pos_embed(self.pos_embed, (H // p, W // p), self.grid, self.pos_prefix, self.pos_antialias)
+        prefix = [self.cls_token.expand(B, -1, -1)] + ([self.reg_token.expand(B, -1, -1)] if self.reg_tokens else [])
+        if self.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)  # (B, 1+R+T, D): positions on the grid only
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos  # (B, 1+R+T, D)
         for block in self.blocks:
-            x = block(x)  # (B, 1+T, D)
-        x = self.norm(x)  # (B, 1+T, D)
-        return x[:, 0], x[:, 1:]  # (B, D), (B, T, D)
+            x = block(x)  # (B, 1+R+T, D)
+        x = self.norm(x)  # (B, 1+R+T, D)
+        return x[:, 0], x[:, 1 + self.reg_tokens:]  # (B, D), (B, T, D): registers dropped
 
 
 def build_vit(size, img_size=256, in_chans=1, init_values=1e-5):
@@ -171,14 +191,15 @@ def build_vit(size, img_size=256, in_chans=1, init_values=1e-5):
 
 def vit_flops_per_image(vit, img_size):
     """Matmul FLOPs of one forward pass on one img_size (int or (H, W)) image: 2 per weight per token
-    plus attention's 4*N^2*D per block (T patches, N = T+1 tokens, width D); norms and softmax left out.
-    A training step costs about 3x this (backward = 2x forward)."""
+    plus attention's 4*N^2*D per block (T patches, N = T+1+registers tokens, width D); norms and softmax
+    left out. A training step costs about 3x this (backward = 2x forward)."""
     H, W = (img_size, img_size) if isinstance(img_size, int) else img_size
-    T = (H // PATCH) * (W // PATCH)
-    N, D = T + 1, vit.embed_dim
+    p = vit.patch_size
+    T = (H // p) * (W // p)
+    N, D = T + 1 + vit.reg_tokens, vit.embed_dim
     hidden = vit.blocks[0].mlp.fc1.out_features
     per_block = 2 * N * D * 3 * D + 4 * N * N * D + 2 * N * D * D + 4 * N * D * hidden
-    return 2 * T * vit.in_chans * PATCH * PATCH * D + vit.depth * per_block
+    return 2 * T * vit.in_chans * p * p * D + vit.depth * per_block
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,51 +271,9 @@ class DaleCT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# Loading weights: ours, or any timm-format ViT (released DALE-CT weights are in that format);
-# common.read_state_dict reads the file (.safetensors, .pt, nested or wrapped), this checks the fit.
-
-IGNORED_KEYS = ("head.weight", "head.bias")  # a timm classifier: not part of the backbone
-
+# Loading weights lives in backbones.py (checkpoint formats, conversion, strict fit); this keeps old imports.
 
 def load_backbone(vit, path):
-    """Load backbone weights into vit, strictly: resample pos_embed if the checkpoint was
-    stored at another grid, ignore only IGNORED_KEYS, and refuse anything else that differs."""
-    sd = {k: v for k, v in read_state_dict(path).items() if k not in IGNORED_KEYS}
-    want = vit.state_dict()
-    pos = sd.get("pos_embed")
-    if pos is not None and pos.ndim == 3 and pos.shape != want["pos_embed"].shape and pos.shape[-1] == vit.embed_dim:
-        side = math.isqrt(pos.shape[1] - 1)
-        if side * side == pos.shape[1] - 1:  # square grid plus the CLS position: resample it
-            sd["pos_embed"] = resample_pos_embed(pos, vit.grid, (side, side))
-    missing = [k for k in want if k not in sd]
-    unexpected = [k for k in sd if k not in want]
-    reshaped = [f"{k} {tuple(sd[k].shape)} vs {tuple(want[k].shape)}"
-                for k in want if k in sd and sd[k].shape != want[k].shape]
-    if missing or unexpected or reshaped:
-        what, todo = explain_mismatch(vit, sd)
-        summary = "; ".join(f"{len(items)} {label} (e.g. {', '.join(items[:3])})" for label, items in
-                            (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped)) if items)
-        raise ValueError(f"{path}: {what}: {summary}. What to do: {todo}")
-    vit.load_state_dict(sd, strict=True)
-    return vit
-
-
-def explain_mismatch(vit, sd):
-    """(what is wrong, what to do) for a state dict that does not fit vit, most likely cause first."""
-    def describe(width, depth):
-        name = size_name(width, depth)
-        return f"ViT-{name} ({width} wide, {depth} deep)" if name else f"a ViT {width} wide, {depth} deep"
-
-    model = describe(vit.embed_dim, vit.depth)
-    stem = sd.get("patch_embed.proj.weight")  # (D, C, 16, 16)
-    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-    if stem is not None and depth and (stem.shape[0], depth) != (vit.embed_dim, vit.depth):
-        name = size_name(stem.shape[0], depth)
-        todo = f"build the model with build_vit({name!r})" if name else "build a ViT of the checkpoint's size"
-        return f"checkpoint is {describe(stem.shape[0], depth)} but the model is {model}", todo
-    if stem is not None and stem.ndim == 4 and stem.shape[1] != vit.in_chans:
-        return (f"checkpoint takes {stem.shape[1]} input channels, the model {vit.in_chans}",
-                "for an RGB checkpoint, sum patch_embed.proj.weight over dim 1 and save it again")
-    return (f"checkpoint does not match {model}",
-            f"expected a timm-format VisionTransformer backbone (class token, LayerScale, {vit.in_chans} "
-            f"input channel(s)); only {', '.join(IGNORED_KEYS)} may be extra")
+    """Load a checkpoint into a ViT you built, strictly (backbones.load_into); backbones.load builds it for you."""
+    import backbones  # here, not at the top: backbones.py builds on this file
+    return backbones.load_into(vit, path)

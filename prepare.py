@@ -1,5 +1,5 @@
 """
-prepare.py: a CT-RATE-shaped folder -> memory-mapped slices, masks, labels and an index.
+prepare.py: a CT-RATE-shaped folder (or your own NIfTI scans) -> memory-mapped slices, masks, labels and an index.
 
 The first stage of DALE-CT (arXiv 2606.07775): CT-RATE's volumes (or phantom.py's), read through
 ctrate.py, in Hounsfield units and one orientation, cropped to the body, resampled to `z_mm` between
@@ -11,13 +11,15 @@ slices and `size` pixels a side, each split as a few raw arrays that training sa
     OUT/{split}/abnormal.u16       14-bit ReXGroundingCT bitmask  (S, mask_size, mask_size)
     OUT/{split}/depth.f32          mm from the first slice, 0..1  (S, 2)
     OUT/{split}/volumes.json       one row per volume: where its slices are, labels, flags
-    OUT/rejects.csv                every volume left out, with the reason
+    OUT/rejects.csv                every volume left out, why, and its file's size and mtime (section 3)
 
-Splits: `train` and `val` (held-out train *patients*) come from CT-RATE `train`, `test` is CT-RATE
-`valid`. A volume's slices are contiguous, the first the most superior. The reader `open_split` comes first.
+Splits: `train` and `val` (held-out train *patients*) come from CT-RATE `train`, `test` is CT-RATE `valid`;
+a plain folder of NIfTI files goes whole into `--split`, without labels or masks (ctrate.py). A volume's slices
+are contiguous, the first the most superior. The reader `open_split` comes first.
 
     python prepare.py --src=data/phantom --out=data/prepared
     python prepare.py --src=/data/CT-RATE/dataset --out=/data/dalect_512 --size=512 --workers=16
+    python prepare.py --src=/data/my_scans --out=/data/my_scans_prepared --split=test    # *.nii.gz, no CSVs
 A crash or Ctrl-C loses at most the volumes in flight: the same command continues, and the
 manifest is written only when every volume is done (section 2).
 """
@@ -32,14 +34,18 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
-import torch
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends in one line, not a traceback
+    import numpy as np
+    import torch
+except KeyboardInterrupt:  # 130 = 128 + SIGINT, the status a shell gives a Ctrl-C
+    print("prepare.py: interrupted while starting up", file=sys.stderr)
+    sys.exit(130)
 import torch.nn.functional as F
 
 import ctrate
 from common import (ABNORMALITY_CODES, LABELS, N_ANATOMY, NONEMPTY, NONNEG, POSITIVE, SPLITS, SettingError, at_least,
                     atomic_write_text, describe, in_processes, one_of, parse_config, remove_owned, setting, validate)
-from ctrate import Reject, load_nifti, natural_key
+from ctrate import LAYOUTS, Reject, load_nifti, natural_key
 
 # -----------------------------------------------------------------------------
 # The format: a split is four arrays of S slices each, plus its table (RECIPE.md 2)
@@ -110,7 +116,9 @@ class PreparedSplit:
         for k, dt in (("start", np.int64), ("count", np.int64), ("z_mm", np.float32), ("mm_per_px", np.float32),
                       ("has_anatomy", bool), ("has_abnormality", bool)):  # per-volume columns of the table
             setattr(self, k, np.array([r[k] for r in rows], dt))
-        self.labels = np.array([r["labels"] for r in rows], np.float32).reshape(len(rows), len(LABELS))
+        self.has_labels = manifest.get("has_labels", True)  # False: a plain folder's scans, whose labels are None
+        self.labels = (np.array([r["labels"] for r in rows], np.float32).reshape(len(rows), len(LABELS))
+                       if self.has_labels else None)  # (V, 18)
 
     def __len__(self):
         return len(self.rows)
@@ -131,7 +139,9 @@ HU_SOURCES = ("auto", "header", "csv")
 
 @dataclass
 class Config:
-    src: str = setting("data/phantom", NONEMPTY)   # CT-RATE-shaped folder (the real one or phantom.py's)
+    src: str = setting("data/phantom", NONEMPTY)   # CT-RATE-shaped folder (the real one or phantom.py's) or your scans
+    layout: str = setting("auto", one_of(*LAYOUTS))  # SRC is: ctrate, plain (NIfTI files, no labels), auto = detect
+    split: str = setting("", one_of("", *SPLITS))   # plain layout: the split of every volume ("" = train)
     out: str = setting("data/prepared", NONEMPTY)  # where the prepared dataset goes
     z_mm: float = setting(1.0, POSITIVE)     # slice spacing after resampling; DALE-CT uses 1 mm (RECIPE.md 2)
     size: int = setting(256, at_least(16))   # stored in-plane pixels a side, at least one ViT patch (RECIPE.md 4)
@@ -160,9 +170,6 @@ BODY_OPEN_MM = 19.0   # opening window: RECIPE.md 7's 25 px at CT-RATE's typical
 # A chest CT always holds air (trachea, lungs, and outside the body in a full field of view): once in HU,
 # its darkest 1% of voxels lies here. A wrong intercept moves them by 1,024 (README: the HU check).
 AIR_RANGE = (-1150.0, -700.0)
-SPACING_TOL = 0.02    # header and CSV spacing may differ by 2% before we call it a disagreement
-# Plausible CT geometry, wide enough for downsampled copies (the phantom's 64 px); README: bad inputs
-SPACING_MM, FOV_MM, LENGTH_MM = (0.05, 30.0), (50.0, 1000.0), 2500.0
 
 
 def hu_scaling(img, raw, job, how):
@@ -170,7 +177,8 @@ def hu_scaling(img, raw, job, how):
     (RECIPE.md 2), the air check verifies. Works on the raw array: the volume is converted to
     float only inside the body box, later."""
     slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
-    source = how if how != "auto" else ("header" if (slope, inter) != (1.0, 0.0) else "csv")
+    # no CSV row (a plain folder): the header is all there is, so auto reads it, scaled or not
+    source = how if how != "auto" else ("header" if (slope, inter) != (1.0, 0.0) or job["meta"] is None else "csv")
     if source == "csv":
         slope, inter = ctrate.csv_rescale(job["meta"], job["path"])
     if not slope > 0:
@@ -192,32 +200,6 @@ def hu_scaling(img, raw, job, how):
                      f"(slope {slope:g}, intercept {inter:g}); a chest CT's air and lungs lie in "
                      f"{AIR_RANGE[0]:.0f}..{AIR_RANGE[1]:.0f}: the intercept is wrong or applied twice")
     return slope, inter, source
-
-
-def geometry(img, job):
-    """In-plane and z spacing in mm, whether array index z runs toward the head, and where that came from."""
-    aff = img.affine
-    header_known = not np.allclose(aff[:3, :3], np.eye(3))  # CT-RATE originals: identity = no spacing
-    listed = ctrate.csv_spacing(job["meta"])
-    if header_known:
-        xy, z = float(img.header.get_zooms()[0]), float(img.header.get_zooms()[2])
-        if listed and (abs(xy - listed[0]) > SPACING_TOL * xy or abs(z - listed[1]) > SPACING_TOL * z):
-            raise Reject(f"{job['path']}: spacing disagreement: header says {xy:g} x {z:g} mm, metadata CSV says "
-                         f"{listed[0]:g} x {listed[1]:g} mm; fix whichever is wrong")
-    elif listed:
-        xy, z = listed
-    else:
-        raise Reject(f"{job['path']}: no spacing: identity affine and XYSpacing/ZSpacing "
-                     f"{job['meta']['XYSpacing']!r}/{job['meta']['ZSpacing']!r} unusable; fill the CSV")
-    fov, length = xy * img.shape[0], z * img.shape[2]
-    if not (SPACING_MM[0] <= min(xy, z) and max(xy, z) <= SPACING_MM[1] and FOV_MM[0] <= fov <= FOV_MM[1]
-            and length <= LENGTH_MM):
-        raise Reject(f"{job['path']}: implausible spacing {xy:g} x {z:g} mm ({fov:g} mm across, {length:g} mm long); "
-                     f"CT spacing lies in {SPACING_MM[0]:g}-{SPACING_MM[1]:g} mm: fix XYSpacing/ZSpacing or the header")
-    # The slice axis is array axis 2 (CT-RATE). Its world z component > 0 means index up = superior
-    # (RAS); we flip such volumes so that slice 0 is always the most superior one. An identity affine
-    # carries no direction: we then assume the same (index up = superior) and say so in the table.
-    return xy, z, aff[2, 2] > 0, "affine" if header_known else "assumed"
 
 
 def square_window(m, k, op):
@@ -322,7 +304,7 @@ def process_volume(job, cfg):
     if raw.ndim != 3:
         raise Reject(f"{job['path']}: array is {raw.ndim}-D {raw.shape}, expected a 3-D (X, Y, Z) volume")
     slope, inter, hu_source = hu_scaling(img, raw, job, cfg.hu)
-    px_mm, z_src, flip_z, z_dir = geometry(img, job)
+    px_mm, z_src, flip_z, z_dir = ctrate.geometry(img, job)
     labels = ctrate.label_values(job["labels"], job["path"])
     vol = raw.T[::-1] if flip_z else raw.T  # NIfTI (X, Y, Z) -> (D, Y, X) stored values, slice 0 most superior
     box = body_box(vol, px_mm, (BODY_HU - inter) / slope, job["path"])
@@ -360,22 +342,13 @@ def process_volume(job, cfg):
 # row: a marker means a whole slot, so a re-run redoes only the volumes without one. A volume
 # rejected on the way leaves its slot empty, a hole that assembly closes.
 
-def discover(cfg):
-    """The source folder's volumes as jobs, and the rejects found without opening a file."""
+def discover(cfg, kind):
+    """The source folder's volumes as jobs, each with its split, and the rejects found without opening a file."""
+    if kind == "plain":
+        return ctrate.scan_plain(cfg.src, cfg.split or "train")
     jobs, rejects = ctrate.scan(cfg.src, cfg.rex or ctrate.rex_folder(cfg.src))
-    if not jobs and not rejects:
-        raise SystemExit(f"{cfg.src}: no volumes found under train_fixed/, valid_fixed/, train/ or valid/. "
-                         f"Point --src at a CT-RATE folder, or run `python phantom.py` first.")
+    ctrate.assign_splits(jobs, cfg.val_patients, cfg.seed)
     return jobs, rejects
-
-
-def assign_splits(jobs, cfg):
-    """Patient-level split: CT-RATE valid -> test; a seeded random set of train patients -> val."""
-    train_patients = sorted({j["patient"] for j in jobs if j["src_split"] == "train"}, key=natural_key)
-    n_val = min(cfg.val_patients, len(train_patients) // 5)
-    val = set(np.random.default_rng(cfg.seed).permutation(train_patients)[:n_val].tolist())
-    for j in jobs:
-        j["split"] = "test" if j["src_split"] == "valid" else ("val" if j["patient"] in val else "train")
 
 
 def human(n):
@@ -383,11 +356,11 @@ def human(n):
 
 
 def planned_count(job, cfg):
-    """Output slices from header and CSV alone, as process_volume counts them; 0 where geometry() refuses."""
+    """Output slices from header and CSV alone, as process_volume counts them; 0 where ctrate.geometry() refuses."""
     import nibabel as nib
     try:
         img = nib.load(job["path"])  # the header only; voxels are read when indexed
-        return slice_count(img.shape[2], geometry(img, job)[1], cfg.z_mm)
+        return slice_count(img.shape[2], ctrate.geometry(img, job)[1], cfg.z_mm)
     except Exception:
         return 0
 
@@ -456,7 +429,7 @@ def work(args):
     torch.set_num_threads(1)
     try:
         out = process_volume(job, cfg)
-        if out["row"]["count"] != job["count"]:  # both come from geometry() and slice_count(): a bug if not
+        if out["row"]["count"] != job["count"]:  # both come from ctrate.geometry() and slice_count(): a bug if not
             raise Reject(f"{job['path']}: {out['row']['count']} slices, but {job['count']} planned from its header")
     except Reject as e:
         return job["name"], job["path"], str(e)
@@ -528,11 +501,33 @@ def check_settings(cfg, params):
     manifest_path = os.path.join(cfg.out, "manifest.json")
     if os.path.exists(manifest_path):
         old = read_json(manifest_path)
-        if all(old.get(k) == v for k, v in params.items()):
-            print(f"{cfg.out}: already prepared with these settings ({manifest_path}); nothing to do")
-            return old
+        if all(old.get(k) == v for k, v in params.items()) and old.get("layout") == params.get("layout"):
+            if not (changed := changed_rejects(cfg.out)):
+                print(f"{cfg.out}: already prepared with these settings ({manifest_path}); nothing to do")
+                return old
+            print(f"{cfg.out}: {changed[0]}{f' and {len(changed) - 1} more' if changed[1:] else ''} changed since "
+                  f"rejected; preparing again (the old dataset stays readable until the new one is assembled)")
+            return None
         raise SystemExit(f"{cfg.out} holds a dataset prepared with other settings; choose another --out "
                          f"or delete that folder")
+
+
+def file_stamp(path):
+    """[bytes, mtime_ns] of a file as rejects.csv stores them; ["", ""] for a missing one."""
+    st = os.stat(path) if os.path.exists(path) else None
+    return [str(st.st_size), str(st.st_mtime_ns)] if st else ["", ""]
+
+
+def changed_rejects(out):
+    """Source files of OUT/rejects.csv's volumes changed since (restored, fixed): a finished dataset is made
+    again for them. One removed is not (a source deleted after preparing must not shrink the dataset), nor is
+    any of a rejects.csv without stamps (older code)."""
+    path = os.path.join(out, "rejects.csv")
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [r["path"] for r in csv.DictReader(f) if r.get("bytes") is not None and os.path.exists(r["path"])
+                and file_stamp(r["path"]) != [r["bytes"], r["mtime_ns"]]]
 
 
 def claim_staging(stage, params):
@@ -567,15 +562,17 @@ def prepare(cfg, progress=True):
 def prepare_locked(cfg, progress):
     """prepare() once it holds OUT/.lock."""
     from tqdm import tqdm
+    kind = ctrate.source_layout(cfg)  # "ctrate" or "plain"
     params = dict(src=os.path.abspath(cfg.src), z_mm=cfg.z_mm, size=cfg.size, mask_size=cfg.mask_size,
                   hu=cfg.hu, rex=os.path.abspath(cfg.rex) if cfg.rex else "", val_patients=cfg.val_patients,
                   seed=cfg.seed, version=FORMAT_VERSION)
+    if kind == "plain":  # in the manifest too: probe.py refuses a dataset without labels
+        params.update(layout="plain", split=cfg.split or "train", has_labels=False)
     if finished := check_settings(cfg, params):
         return finished
     stage = os.path.join(cfg.out, ".staging")
-    jobs, rejects = discover(cfg)  # before anything is staged: a wrong --src leaves nothing in the way
+    jobs, rejects = discover(cfg, kind)  # before anything is staged: a wrong --src leaves nothing in the way
     claim_staging(stage, params)
-    assign_splits(jobs, cfg)
     layout = plan_slots(jobs, cfg)
     open_staging(stage, layout)
     done = {j["name"] for j in jobs if os.path.exists(done_path(stage, j["name"]))}
@@ -612,13 +609,16 @@ def prepare_locked(cfg, progress):
         results.close()  # an interrupt or --strict stops the workers now
     rows = {j["name"]: read_json(done_path(stage, j["name"])) for j in jobs
             if os.path.exists(done_path(stage, j["name"]))}
-    with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["name", "path", "reason"]] + sorted(rejects))
-    empty = [s for s in SPLITS if not any(name in rows for name, _, _ in layout[s])
-             and not (cfg.pretrain_only and s != "train")]
+    if os.path.exists(os.path.join(cfg.out, "manifest.json")):  # made again: not a dataset once rejects.csv changes
+        os.remove(os.path.join(cfg.out, "manifest.json"))
+    with open(os.path.join(cfg.out, "rejects.csv"), "w", newline="") as f:  # a source's stamp tells a re-run it changed
+        csv.writer(f).writerows([["name", "path", "reason", "bytes", "mtime_ns"]]
+                                + [[*r, *file_stamp(r[1])] for r in sorted(rejects)])
+    needed = [params.get("split", "train")] if cfg.pretrain_only or kind == "plain" else SPLITS
+    empty = [s for s in needed if not any(name in rows for name, _, _ in layout[s])]
     if empty:  # finished volumes stay staged: the same command continues once the cause is fixed
         raise SystemExit(f"{cfg.out}: split {', '.join(empty)} would hold no volume ({len(rejects)} rejected, see "
-                         f"rejects.csv); add volumes or fix the rejects, or pass --pretrain_only for train alone")
+                         f"rejects.csv); add volumes or fix the rejects (--pretrain_only: only train needs volumes)")
     manifest = assemble(cfg, stage, layout, rows, params)
     if not cfg.keep_staging:
         shutil.rmtree(stage)

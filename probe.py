@@ -26,8 +26,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends in one line, not a traceback
+    import numpy as np
+    import torch
+except KeyboardInterrupt:  # 130 = 128 + SIGINT, the status a shell gives a Ctrl-C
+    print("probe.py: interrupted while starting up", file=sys.stderr)
+    sys.exit(130)
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -37,11 +41,35 @@ from common import (LABELS, NONEMPTY, NONNEG, POSITIVE, SPLITS, Check, at_least,
                     device_name, one_of, parse_config, pick_device, setting, writable)
 from metrics import (METRICS, average_precision, best_f1_thresholds, bootstrap_ci, bootstrap_samples,
                      classification_report, covered_classes, depth_r2, finite_or_none, macro)
-from model import PATCH, VIT_SIZES, build_vit, load_backbone, read_state_dict, size_name
-from prepare import PreparedError, normalize_hu, open_split
+import backbones
+from model import PATCH, VIT_SIZES, build_vit
+from prepare import HU_CLIP, HU_MEAN, HU_STD, PreparedError, open_split
 
+# The release's grid (RECIPE.md 7): 3 poolings x 6 learning rates; "attn_class" (one query per class) is ours
 POOLINGS = ("avg", "max", "attn")
-LRS = (0.1, 0.03, 0.01, 0.003)
+ALL_POOLINGS = POOLINGS + ("attn_class",)
+LRS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+SELECTIONS = ("first_seed", "per_seed")
+# Intensity normalisation a backbone was trained with, in HU: clip to [lo, hi], then (x - mean) / std (RECIPE.md 9)
+NORMS = {"dale_ct": (*HU_CLIP, HU_MEAN, HU_STD),            # CT-RATE's: DALE-CT-0, -1S, -2S, the baseline, ours
+         "dale_ct_0_l": (-940.8, 923.1, -25.03, 246.87)}    # DALE-CT-0-L's own (its model card)
+
+
+def norm_values(spec):
+    """--norm: a NORMS name or "lo,hi,mean,std" -> (lo, hi, mean, std); ValueError if neither."""
+    if spec in NORMS:
+        return NORMS[spec]
+    v = tuple(float(x) for x in spec.split(","))
+    if len(v) != 4 or not v[0] < v[1] or not v[3] > 0:
+        raise ValueError(spec)
+    return v
+
+
+def valid_norm(spec):
+    try:
+        return bool(norm_values(spec))
+    except ValueError:
+        return False
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -51,7 +79,7 @@ class ProbeConfig:
     # what to evaluate
     ckpt: str = ""                # train.py checkpoint (.pt) or released weights (.safetensors, timm keys)
     random_init: bool = False     # evaluate an untrained backbone instead: the floor pretraining must beat
-    vit: str = setting("tiny", one_of(*VIT_SIZES))  # backbone size when the checkpoint does not record one
+    vit: str = setting("tiny", one_of(*VIT_SIZES))  # random_init's size; a checkpoint's comes from its weights
     # random_init only: LayerScale's starting gain; give the pretraining run's, so the floor is its step 0
     layerscale_init: float = setting(1e-5, POSITIVE)
     data: str = setting("data/prepared", NONEMPTY)  # folder written by prepare.py (train, val, test)
@@ -60,24 +88,29 @@ class ProbeConfig:
     # features
     cache: str = ""  # the feature cache, keyed by (checkpoint, img_size, data); "" = DATA/features
     img_size: int = setting(256, at_least(PATCH))   # slices resized to this for the backbone (RECIPE.md 7)
+    norm: str = setting("dale_ct", Check(valid_norm, f"one of {', '.join(NORMS)}, or lo,hi,mean,std in HU (lo < hi, std > 0)"))
     feat_batch: int = setting(64, at_least(1))      # slices per forward pass
-    # MIL linear probe (RECIPE.md 7): the whole grid trains at once, on the same minibatches
-    poolings: tuple = setting(POOLINGS, one_of(*POOLINGS))  # attn = one learned query, softmax over slices
+    # MIL linear probe, the release's protocol (RECIPE.md 7); config/probe_demo.json is the demo's short one
+    poolings: tuple = setting(POOLINGS, one_of(*ALL_POOLINGS))  # attn: one learned query; attn_class: one per class
     lrs: tuple = setting(LRS, POSITIVE)             # peak SGD learning rates, cosine-decayed to 0
-    steps: int = setting(20000, at_least(1))        # SGD steps; the phantom demo needs far fewer
+    steps: int = setting(15000, at_least(1))        # SGD steps; the phantom demo needs far fewer
     batch: int = setting(16, at_least(1))           # volumes per step
     momentum: float = setting(0.95, Check(lambda v: 0 <= v < 1, "a number in [0, 1)"))  # no weight decay
-    evals: int = setting(10, at_least(1))           # validation checkpoints; selection also picks the step
-    seeds: int = setting(3, at_least(1))            # probe seeds (init, minibatch order): mean and std
+    evals: int = setting(6, at_least(1))            # validation checkpoints, evenly spaced (every 2,500 of 15,000)
+    # first_seed: (pooling, lr, step) chosen on the first seed's grid, then every seed trains that probe alone;
+    # per_seed: every seed trains the grid and chooses its own
+    selection: str = setting("first_seed", one_of(*SELECTIONS))
+    seeds: int = setting(5, at_least(1))            # probe seeds (init, minibatch order): mean and std
     seed: int = setting(0, NONNEG)                  # first probe seed; a random_init backbone is drawn from it
-    n_boot: int = setting(1000, at_least(1))        # bootstrap resamples of test volumes for the 95% intervals
+    n_boot: int = setting(2000, at_least(1))        # bootstrap resamples of test volumes for the 95% intervals
     depth_max_slices: int = setting(200000, at_least(1))  # train slices fitting the depth ridge (a random subset)
     compare: str = ""             # comma-separated result folders of earlier runs: print one table, no probing
 
     def problems(self):
         """Settings that are wrong together, one line each."""
         checks = [
-            (self.img_size % PATCH, f"--img_size={self.img_size}: must be a multiple of the patch size {PATCH}"),
+            (self.random_init and self.img_size % PATCH,
+             f"--img_size={self.img_size}: must be a multiple of the patch size {PATCH}"),  # a checkpoint's: load_model
             (not self.poolings, "--poolings: give at least one of " + ", ".join(POOLINGS)),
             (not self.lrs, "--lrs: give at least one learning rate"),
             (not self.compare and bool(self.ckpt) == self.random_init,
@@ -90,7 +123,7 @@ def parse_args(argv):
     """--key=value overrides of ProbeConfig (a bare --flag sets a bool); a bad value exits with one line."""
     if any(arg.partition("=")[0] == "--bench" for arg in argv):
         sys.exit("probe.py: --bench moved to its own script: python benchmarks/probe_speed.py")
-    return parse_config(ProbeConfig, argv, "probe.py")
+    return parse_config(ProbeConfig, argv, "probe.py", presets=True)
 
 
 # -----------------------------------------------------------------------------
@@ -106,43 +139,53 @@ def load_model(cfg):
     path = Path(cfg.ckpt)
     if not path.is_file():
         sys.exit(f"probe.py: checkpoint {path} not found; give --ckpt=PATH of a train.py checkpoint or weights")
-    # Size and position grid come from the weights (released weights carry no config); --vit is the fallback.
-    size, img_size = cfg.vit, cfg.img_size
+    # Format, size, patch, registers and native grid come from the weights (released weights carry no config)
     try:
-        sd = read_state_dict(path)
-        stem, pos = sd.get("patch_embed.proj.weight"), sd.get("pos_embed")
-        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-        size = (size_name(stem.shape[0], depth) if stem is not None else None) or size
-        if pos is not None and math.isqrt(pos.shape[1] - 1) ** 2 == pos.shape[1] - 1:
-            img_size = math.isqrt(pos.shape[1] - 1) * PATCH  # build at its native grid: no double resampling
-        del sd
-        vit = build_vit(size, img_size=img_size)
-        load_backbone(vit, path)
+        vit, info = backbones.load(path)  # at its native grid: resampled once per forward, as in timm
     except (ValueError, ImportError, KeyError) as e:
         sys.exit(f"probe.py: cannot use {path} as a backbone: {str(e).splitlines()[0]}")
+    n, p = cfg.img_size // vit.patch_size, vit.patch_size
+    if cfg.img_size % p:  # the release probes every backbone at 256 px, patch 14 included (RECIPE.md 9)
+        print(f"note: patch {p} at --img_size={cfg.img_size}: {n}x{n} patches cover {n * p} px; the last "
+              f"{cfg.img_size - n * p} px rows and columns are not seen, as by timm's patch embedding")
     with open(path, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    return vit, {"kind": "checkpoint", "path": str(path), "vit": size, "sha256": sha256}
+    return vit, {"kind": "checkpoint", "path": str(path), "sha256": sha256, **info}
 
 
 @torch.no_grad()
-def extract_features(vit, slices, img_size, batch_size=64, device="cpu", out=None, desc="features"):
-    """int16 HU slices (S, H, W) -> CLS tokens (S, D), written into `out` (e.g. a memmap) if given."""
+def extract_features(vit, slices, img_size, batch_size=64, device="cpu", out=None, desc="features", norm=NORMS["dale_ct"]):
+    """int16 HU slices (S, H, W) -> CLS tokens (S, D), written into `out` (e.g. a memmap) if given;
+    norm = (lo, hi, mean, std), the backbone's own intensity normalisation."""
     device = torch.device(device)
     vit.eval().to(device)
     out = np.empty((len(slices), vit.embed_dim), np.float32) if out is None else out
     bar = tqdm(total=len(slices), desc=desc, unit="slice", unit_scale=True, leave=False, disable=None)
     for i in range(0, len(slices), batch_size):
         x = torch.from_numpy(np.array(slices[i:i + batch_size], np.int16)).to(device)  # a copy: memmaps are read-only
-        x = normalize_hu(x.float())[:, None]                        # (B, 1, H, W), as in training
-        if x.shape[-1] != img_size:
-            x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            cls, _ = vit(x)                                         # (B, D)
+            cls, _ = vit(model_input(x, vit, img_size, norm))       # (B, D)
         out[i:i + len(x)] = cls.float().cpu().numpy()
         bar.update(len(x))
     bar.close()
     return out
+
+
+def normalize(hu, norm):
+    """HU tensor -> network input: prepare.normalize_hu with a backbone's own (lo, hi, mean, std)."""
+    lo, hi, mean, std = norm
+    return (hu.float().clamp(lo, hi) - mean) / std
+
+
+def model_input(hu, vit, img_size, norm):
+    """int16 HU slices (B, H, W) -> the backbone's input (B, C, n*p, n*p): normalised as the backbone was
+    trained, resized to img_size (bilinear, antialiased), cut to whole patches (what a strided patch
+    convolution sees anyway), and the one channel repeated for an RGB stem (the slice on every channel)."""
+    x = normalize(hu, norm)[:, None]                                    # (B, 1, H, W)
+    if x.shape[-1] != img_size:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+    n = img_size // vit.patch_size * vit.patch_size
+    return x[..., :n, :n].expand(-1, vit.in_chans, -1, -1)             # (B, C, n, n)
 
 
 def state_dict_sha256(sd):
@@ -166,7 +209,7 @@ def data_identity(root):
 
 def cached_features(cache, split, slices, vit, identity, batch_size=64, device="cpu"):
     """CLS features (S, D) of a split at identity["img_size"], cached in CACHE/KEY/SPLIT.f32, KEY a hash of
-    the identity (checkpoint, img_size, data). Written, then renamed: a file is complete or absent."""
+    the identity (checkpoint, img_size, normalisation, data). Written, then renamed: complete or absent."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache) / key / f"{split}.f32"
     shape = (len(slices), vit.embed_dim)
@@ -177,7 +220,8 @@ def cached_features(cache, split, slices, vit, identity, batch_size=64, device="
     # float32: a random-init ViT's CLS tokens vary across slices by less than float16's resolution
     arr = np.memmap(tmp, np.float32, "w+", shape=shape)
     t = time.time()
-    extract_features(vit, slices, identity["img_size"], batch_size, device, out=arr, desc=f"features {split}")
+    extract_features(vit, slices, identity["img_size"], batch_size, device, out=arr, desc=f"features {split}",
+                     norm=identity["norm"])
     seconds = time.time() - t
     print(f"features {split}: {shape[0]} slices in {seconds:.1f} s ({shape[0] / seconds:.0f} slices/s)")
     arr.flush()
@@ -255,23 +299,36 @@ class ProbeGrid(nn.Module):
         self.b = nn.Parameter(torch.zeros(P, L, n_classes, device=mean.device))
         # one attention query per lr; zero makes attention start as average pooling, so no pooling starts ahead
         self.q = nn.Parameter(torch.zeros(L, D, device=mean.device))
+        if "attn_class" in self.poolings:  # one query per lr and class: each class may attend to its own slices
+            self.qc = nn.Parameter(torch.zeros(L, n_classes, D, device=mean.device))
 
     def forward(self, x, mask):
         """Bags (B, T, D), mask (B, T) -> logits (P, L, B, C)."""
-        L, B = self.q.shape[0], x.shape[0]
+        L, B, P = self.q.shape[0], x.shape[0], len(self.poolings)
         x = ((x.float() - self.mean) / self.std).masked_fill(~mask[..., None], 0.0)  # (B, T, D)
-        pooled = []
-        for name in self.poolings:
-            if name == "avg":
-                z = (x.sum(1) / mask.sum(1, keepdim=True)).expand(L, B, -1)            # (L, B, D)
-            elif name == "max":
-                z = x.masked_fill(~mask[..., None], -torch.inf).amax(1).expand(L, B, -1)  # (L, B, D)
-            else:
-                a = torch.einsum("btd,ld->lbt", x, self.q).masked_fill(~mask, -torch.inf).softmax(-1)  # (L, B, T)
-                z = torch.einsum("lbt,btd->lbd", a, x)                                 # (L, B, D)
-            pooled.append(z)
-        z = torch.stack(pooled)                                                         # (P, L, B, D)
-        return torch.einsum("plbd,pldc->plbc", z, self.W) + self.b[:, :, None]         # (P, L, B, C)
+        logits = [None] * P
+        shared = [i for i, name in enumerate(self.poolings) if name != "attn_class"]  # one bag vector for all classes
+        if shared:
+            pooled = []
+            for name in (self.poolings[i] for i in shared):
+                if name == "avg":
+                    z = (x.sum(1) / mask.sum(1, keepdim=True)).expand(L, B, -1)            # (L, B, D)
+                elif name == "max":
+                    z = x.masked_fill(~mask[..., None], -torch.inf).amax(1).expand(L, B, -1)  # (L, B, D)
+                else:
+                    a = torch.einsum("btd,ld->lbt", x, self.q).masked_fill(~mask, -torch.inf).softmax(-1)  # (L, B, T)
+                    z = torch.einsum("lbt,btd->lbd", a, x)                                 # (L, B, D)
+                pooled.append(z)
+            z = torch.stack(pooled)                                                         # (P', L, B, D)
+            W, b = (self.W, self.b) if len(shared) == P else (self.W[shared], self.b[shared])
+            for i, lg in zip(shared, (torch.einsum("plbd,pldc->plbc", z, W) + b[:, :, None]).unbind(0)):
+                logits[i] = lg                                                              # (L, B, C)
+        if "attn_class" in self.poolings:
+            i = self.poolings.index("attn_class")
+            a = torch.einsum("btd,lcd->lbct", x, self.qc).masked_fill(~mask[:, None], -torch.inf).softmax(-1)
+            z = torch.einsum("lbct,btd->lbcd", a, x)                                        # (L, B, C, D)
+            logits[i] = torch.einsum("lbcd,ldc->lbc", z, self.W[i]) + self.b[i][:, None]    # (L, B, C)
+        return torch.stack(logits)                                                          # (P, L, B, C)
 
 
 @torch.no_grad()
@@ -292,11 +349,12 @@ class GridRun:
     train_loss: np.ndarray  # (E, P, L) mean training loss since the previous eval step
 
 
-def train_probe_grid(train, val, poolings=POOLINGS, lrs=LRS, steps=20000, batch=16, momentum=0.95, evals=10, seed=0,
-                     log=print):
-    """Train every (pooling, lr) probe on the same minibatches; keep val scores at `evals` steps. Every probe
-    starts from the same head (drawn from `seed`) and sees the same volume order, so a grid of one reproduces
-    that probe exactly. Nothing here sees the test split."""
+def train_probe_grid(train, val, poolings=POOLINGS, lrs=LRS, steps=15000, batch=16, momentum=0.95, evals=6, seed=0,
+                     log=print, until=None):
+    """Train every (pooling, lr) probe on the same minibatches; keep val scores at `evals` steps (or, with
+    until, stop at that step of the `steps`-long schedule and keep it alone). Every probe starts from the same
+    head (drawn from `seed`) and sees the same volume order, so a grid of one reproduces that probe exactly.
+    Nothing here sees the test split."""
     dev = train.feats.device
     mean, std = feature_stats(train.feats)
     D, C, P, L = train.feats.shape[1], train.labels.shape[1], len(poolings), len(lrs)
@@ -308,14 +366,14 @@ def train_probe_grid(train, val, poolings=POOLINGS, lrs=LRS, steps=20000, batch=
         grid.b.copy_(((torch.rand(C, generator=g) * 2 - 1) * bound).to(dev))
     # SGD by hand, as torch.optim.SGD takes one lr per tensor: buf = m * buf + grad; p -= lr * buf
     lr = torch.tensor(lrs, dtype=torch.float32, device=dev)
-    lr_shape = {"W": (1, L, 1, 1), "b": (1, L, 1), "q": (L, 1)}
+    lr_shape = {"W": (1, L, 1, 1), "b": (1, L, 1), "q": (L, 1), "qc": (L, 1, 1)}
     params = dict(grid.named_parameters())
     bufs = {k: torch.zeros_like(p) for k, p in params.items()}
     batch = min(batch, len(train))
-    eval_steps = sorted({max(1, round(steps * (k + 1) / evals)) for k in range(evals)})
+    eval_steps = [until] if until else sorted({max(1, round(steps * (k + 1) / evals)) for k in range(evals)})
     perm, ptr = torch.randperm(len(train), generator=g), 0
     states, val_scores, losses, loss_sum, t0 = [], [], [], 0, time.time()
-    for step in range(1, steps + 1):
+    for step in range(1, eval_steps[-1] + 1):
         if ptr + batch > len(perm):                                    # a new epoch, a new order
             perm, ptr = torch.randperm(len(train), generator=g), 0
         vols = perm[ptr:ptr + batch].to(dev)
@@ -375,15 +433,17 @@ def select(run, val_labels):
                      float(table[e, p, l]), best_f1_thresholds(y, run.val_scores[e, p, l]), table)
 
 
-def evaluate_seed(train, val, test, cfg, seed, log=print):
-    """One probe seed end to end: train the grid, select on val, then score test once with the chosen probe."""
-    run = train_probe_grid(train, val, cfg.poolings, cfg.lrs, cfg.steps, cfg.batch, cfg.momentum, cfg.evals, seed, log)
+def evaluate_seed(train, val, test, cfg, seed, log=print, fixed=None):
+    """One probe seed end to end: train the grid (or, given fixed = (pooling, lr, step), that probe alone up to
+    that step), select on val, then score test once with the chosen probe."""
+    poolings, lrs, until = (cfg.poolings, cfg.lrs, None) if fixed is None else ((fixed[0],), (fixed[1],), fixed[2])
+    run = train_probe_grid(train, val, poolings, lrs, cfg.steps, cfg.batch, cfg.momentum, cfg.evals, seed, log, until)
     sel = select(run, val.labels.cpu().numpy())
     e, p, l = sel.index
     state = run.states[e]
     chosen = ProbeGrid(state["mean"], state["std"], state["b"].shape[-1], (run.poolings[p],), 1)  # a 1 x 1 grid
-    chosen.load_state_dict({"mean": state["mean"], "std": state["std"], "W": state["W"][p:p + 1, l:l + 1],
-                            "b": state["b"][p:p + 1, l:l + 1], "q": state["q"][l:l + 1]})
+    chosen.load_state_dict({k: v[p:p + 1, l:l + 1] if k in ("W", "b") else v[l:l + 1] if k in ("q", "qc") else v
+                            for k, v in state.items() if k != "qc" or run.poolings[p] == "attn_class"})
     scores = predict_scores(chosen.to(test.feats.device), test)[0, 0]  # (V, C): test's only use
     return sel, scores, classification_report(test.labels.cpu().numpy(), scores, sel.thresholds)
 
@@ -509,7 +569,7 @@ def main(argv=None):
         sys.exit(f"probe.py: {cfg.data}: split {', '.join(empty)} has no volumes; the probe needs train, val and test")
     vit, backbone = load_model(cfg)
     identity = {"backbone": backbone["sha256"], "vit": backbone["vit"], "img_size": cfg.img_size,
-                "data": data_identity(cfg.data)}
+                "norm": norm_values(cfg.norm), "data": data_identity(cfg.data)}
     cache = cfg.cache or os.path.join(cfg.data, "features")
     if not writable(cache):  # a read-only dataset, say
         sys.exit(f"probe.py: cannot write the feature cache to {cache}; pass --cache=DIR, a writable folder")
@@ -518,10 +578,13 @@ def main(argv=None):
     center = feature_mean(feats["train"])  # train statistics only
     train, val, test = (make_bags(feats[s], ds[s], device, center=center) for s in SPLITS)
 
-    seeds, runs = [], []
+    seeds, runs, fixed = [], [], None
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        print(f"probe seed {seed}: {len(cfg.poolings)} poolings x {len(cfg.lrs)} lrs, {cfg.steps} steps")
-        sel, s, rep = evaluate_seed(train, val, test, cfg, seed)
+        what = f"{len(cfg.poolings)} poolings x {len(cfg.lrs)} lrs" if fixed is None else "{}, lr {}, step {}".format(*fixed)
+        print(f"probe seed {seed}: {what}, {cfg.steps}-step schedule")
+        sel, s, rep = evaluate_seed(train, val, test, cfg, seed, fixed=fixed)
+        if cfg.selection == "first_seed":  # the release: the first seed's choice for every seed
+            fixed = (sel.pooling, sel.lr, sel.step)
         seeds.append({"seed": seed, "pooling": sel.pooling, "lr": sel.lr, "step": sel.step,
                       "val_macro_auprc": sel.val_macro_auprc, "test_macro": rep["macro"]})
         runs.append((s, sel.thresholds, rep))
@@ -535,6 +598,7 @@ def main(argv=None):
                      feats["test"], ds["test"].depth_pos)
 
     res = {"config": asdict(cfg), "backbone": backbone, "feature_identity": identity,
+           "normalisation": dict(zip(("clip_lo", "clip_hi", "mean", "std"), norm_values(cfg.norm))),
            "data": {"root": str(cfg.data), "manifest": ds["train"].manifest,
                     "volumes": {s: len(ds[s]) for s in SPLITS}, "slices": {s: len(ds[s].slices) for s in SPLITS}},
            "device": device_name(device), "summary": summary, "classes_in_macro": reports[0]["classes_in_macro"],

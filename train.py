@@ -25,8 +25,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import numpy as np
-import torch
+try:  # torch takes seconds to import: a Ctrl-C meanwhile ends in one line, not a traceback
+    import numpy as np
+    import torch
+except KeyboardInterrupt:  # 130 = 128 + SIGINT, the status a shell gives a Ctrl-C
+    print("train.py: interrupted while starting up", file=sys.stderr)
+    sys.exit(130)
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,7 +66,7 @@ class Config:
     proj_hidden: int = setting(2048, at_least(1))     # projector width (RECIPE.md 4)
     proj_dim: int = setting(124, at_least(1))         # K, the projector output SIGReg acts on (RECIPE.md 5)
     # views (RECIPE.md 3)
-    slab_mm: float = setting(12.0, NONNEG)            # local slices lie within +-slab_mm/2 of the centre
+    slab_mm: float = setting(12.0, NONNEG)            # local slices within +-slab_mm/2 of the centre; 0 = pure 2D
     n_local: int = setting(8, at_least(1))            # local views per slab (plus 2 global views)
     global_size: int = setting(256, MULTIPLE_OF_PATCH)  # global view side in px (and the stored pos_embed grid)
     local_size: int = setting(144, MULTIPLE_OF_PATCH)   # local view side in px

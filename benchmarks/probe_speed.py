@@ -4,7 +4,7 @@ How fast probe.py runs, and that training its whole probe grid in one pass chang
     python benchmarks/probe_speed.py --vit=tiny --img_size=64 [--data=data/prepared --steps=200 --device=cuda]
 
 Prints feature extraction slices/s (the prepared train split's slices when --data holds one, else random HU
-slices), then the seconds for the grid (3 poolings x 4 lrs) in one pass against each pooling trained alone at
+slices), then the seconds for the release's grid (3 poolings x 6 lrs) in one pass against each pooling trained alone at
 the grid's first lr, on the same random bags and steps, with the largest weight difference between a lone probe
 and its place in the grid. Times are the best of --repeats: on a shared machine, the least disturbed run.
 """
@@ -50,7 +50,7 @@ def largest_difference(grid, p, alone):
 
 
 def grid_vs_single(D=192, n_vol=64, slices=48, steps=100, C=18, device="cpu", seed=0, repeats=3):
-    """Seconds for the 3 x 4 grid in one pass and for each pooling alone at lr 0.1 (same random bags and
+    """Seconds for the 3 x 6 grid in one pass and for each pooling alone at the first lr (same random bags and
     steps, best of `repeats`), and how far each lone probe is from its place in the grid."""
     g = torch.Generator().manual_seed(seed)
     count = torch.randint(slices // 2, slices + 1, (n_vol,), generator=g)
@@ -76,7 +76,7 @@ def grid_vs_single(D=192, n_vol=64, slices=48, steps=100, C=18, device="cpu", se
     max_diff = max(largest_difference(grid, i, run) for i, (_, run) in enumerate(single.values()))
     return {"grid_s": grid_s, "single_s": single_s,
             "grid_over_single": float(grid_s / np.mean(list(single_s.values()))),
-            "speedup_vs_sequential": len(probe.LRS) * sum(single_s.values()) / grid_s,  # vs the 12 runs in turn
+            "speedup_vs_sequential": len(probe.LRS) * sum(single_s.values()) / grid_s,  # vs the 18 runs in turn
             "max_weight_diff": max_diff}
 
 
@@ -98,9 +98,10 @@ def main(argv):
     rate = len(slices) / (time.perf_counter() - t)
     print(f"feature extraction: ViT-{cfg.vit} at {cfg.img_size} px on {device_name(device)}: {rate:.1f} slices/s")
     r = grid_vs_single(vit.embed_dim, steps=cfg.steps, device=device, seed=cfg.seed, repeats=cfg.repeats)
-    print(f"probe grid (3 poolings x 4 lrs, {cfg.steps} steps): {r['grid_s']:.2f} s; one probe alone: "
+    P, L = len(probe.POOLINGS), len(probe.LRS)
+    print(f"probe grid ({P} poolings x {L} lrs, {cfg.steps} steps): {r['grid_s']:.2f} s; one probe alone: "
           + ", ".join(f"{k} {v:.2f} s" for k, v in r["single_s"].items())
-          + f"; grid/single {r['grid_over_single']:.2f}x, {r['speedup_vs_sequential']:.1f}x faster than 12 runs; "
+          + f"; grid/single {r['grid_over_single']:.2f}x, {r['speedup_vs_sequential']:.1f}x faster than {P * L} runs; "
           f"largest weight difference grid vs alone {r['max_weight_diff']:.1e}")
     return {"slices_per_s": rate, **r}
 

@@ -34,7 +34,7 @@ if [ "${1:-}" = job ]; then   # one pretraining and its probe: job VARIANT SEED 
     log="$OUTD/logs/$name.log"; mkdir -p "$OUTD/logs"   # a job can be run on its own (one at a time on a CPU)
     { $PY train.py --config=phantom --variant="$v" --seed="$s" --data="$DATA/prepared" \
           --out_dir="$RUNS/$name" --max_steps=$STEPS --log_every=100 "${args[@]}" \
-      && $PY probe.py --ckpt="$RUNS/$name/ckpt.pt" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
+      && $PY probe.py --config=probe_demo --ckpt="$RUNS/$name/ckpt.pt" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
           --out="$RUNS/probe_$name" $PROBE_ARGS; } > "$log" 2>&1
     rc=$?
     echo "$name rc=$rc $(grep -E "^step $STEPS/" "$log" | tail -1 | grep -oE '[0-9.]+ slabs/s') $(grep -E '^\| AUROC' "$log" | head -1)"
@@ -57,7 +57,7 @@ fi
 
 stamp "random-init floor (in the background)"
 LS_INIT=$($PY -c "import json; print(json.load(open('config/phantom.json'))['layerscale_init'])")  # the runs' step 0
-$PY probe.py --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
+$PY probe.py --config=probe_demo --random_init --layerscale_init="$LS_INIT" --data="$DATA/prepared" --img_size=$SIZE --steps=$PROBE_STEPS \
     --out="$RUNS/probe_random" $PROBE_ARGS > "$OUTD/logs/probe_random.log" 2>&1 &
 floor=$!
 

@@ -287,3 +287,41 @@ def test_safetensors(tmp_path):
         return
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
     assert torch.equal(load_backbone(small_vit(), path).norm.weight, src.norm.weight)
+
+
+def test_patch_size_and_registers_follow_timm():
+    """timm's VisionTransformer(patch_size=p, reg_tokens=R): reg_token (1, R, D) right after cls_token (init std
+    1e-6), a pos_embed row for CLS and each register unless no_embed_class; registers leave the output."""
+    torch.manual_seed(0)
+    vit = ViT(64, 2, 2, img_size=56, patch_size=14, reg_tokens=4)
+    keys = [(k, tuple(v.shape)) for k, v in vit.state_dict().items()]
+    assert keys[:4] == [("cls_token", (1, 1, 64)), ("reg_token", (1, 4, 64)), ("pos_embed", (1, 1 + 4 + 16, 64)),
+                        ("patch_embed.proj.weight", (64, 1, 14, 14))]
+    assert ViT(64, 2, 2, img_size=56, patch_size=14, reg_tokens=4, no_embed_class=True).pos_embed.shape == (1, 16, 64)
+    assert 0 < vit.reg_token.abs().max() < 1e-4 and "reg_token" not in build_vit("tiny", img_size=32).state_dict()
+    x = torch.randn(2, 1, 70, 42)
+    with torch.no_grad():  # LayerScale at 1 so attention shows: the registers take part in it
+        for blk in vit.blocks:
+            blk.ls1.gamma.fill_(1.0)
+    cls, patches = vit(x)
+    assert cls.shape == (2, 64) and patches.shape == (2, 5 * 3, 64)
+    with torch.no_grad():  # other registers, another CLS
+        vit.reg_token.normal_()
+    assert not torch.allclose(vit(x)[0], cls, atol=1e-3)
+    with pytest.raises(ValueError, match="64x64 px.*multiples of 14"):
+        vit(torch.randn(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="img_size=64 is not a multiple of the patch size 14: pick e.g. 70"):
+        ViT(64, 2, 2, img_size=64, patch_size=14)
+    T, N, D = 16, 21, 64  # 56 px: 4x4 patches of 14 px, plus CLS and 4 registers
+    assert vit_flops_per_image(vit, 56) == 2 * T * 14 * 14 * D + 2 * (24 * N * D * D + 4 * N * N * D)
+
+
+def test_resampling_keeps_every_prefix_row_and_follows_the_rule():
+    pos = torch.randn(1, 5 + 16, 8)  # CLS, 4 registers, a 4x4 grid
+    up = resample_pos_embed(pos, (6, 6), (4, 4), prefix=5)
+    assert up.shape == (1, 5 + 36, 8) and torch.equal(up[:, :5], pos[:, :5])
+    # antialiased (timm) and plain (transformers' Dinov2Model) bicubic differ even when upsampling
+    plain = resample_pos_embed(pos, (6, 6), (4, 4), prefix=5, antialias=False)
+    assert (plain - up).abs().max() > 1e-3
+    assert torch.allclose(plain[:, 5:], F.interpolate(pos[:, 5:].reshape(1, 4, 4, 8).permute(0, 3, 1, 2), size=(6, 6),
+                          mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 36, 8))

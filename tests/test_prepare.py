@@ -1,8 +1,12 @@
-"""prepare.py: phantom -> prepare -> reader round trip, bad inputs, resume."""
+"""prepare.py: phantom -> prepare -> reader round trip, bad inputs, resume, a plain folder of your own scans."""
 import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import nibabel as nib
 import numpy as np
@@ -12,7 +16,8 @@ import torch.nn.functional as F
 
 import ctrate
 import prepare
-from common import parse_config
+from common import SPLITS, parse_config
+from conftest import ROOT, run_env
 from prepare import LABELS, Config, open_split, PreparedError
 
 
@@ -487,7 +492,7 @@ def volumes_by_name(root):
     out = {}
     for split in ("train", "val", "test"):
         ds = open_split(root, split)
-        assert ds.start[0] == 0 and np.all(ds.start[1:] == np.cumsum(ds.count)[:-1])  # no gaps
+        assert len(ds) == 0 or ds.start[0] == 0 and np.all(ds.start[1:] == np.cumsum(ds.count)[:-1])  # no gaps
         assert ds.count.sum() == len(ds.slices)
         for i, row in enumerate(ds.rows):
             v = ds.volume(i)
@@ -625,7 +630,8 @@ def test_unreadable_file_and_worker_errors_become_rejects(phantom_src, tmp_path,
 
 @pytest.mark.parametrize("bad", ["--size=abc", "--size=0", "--size=-64", "--size=15", "--z_mm=-1", "--z_mm=0",
                                  "--z_mm=nan", "--val_patients=-5", "--mask_size=0", "--strict=maybe",
-                                 "--keep_staging=2", "--hu=guess", "--workers=0", "--seed=-1", "--out=", "--sise=64"])
+                                 "--keep_staging=2", "--hu=guess", "--workers=0", "--seed=-1", "--out=", "--sise=64",
+                                 "--layout=guess", "--split=holdout"])
 def test_bad_flags_are_refused_in_one_line(bad, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -681,3 +687,153 @@ def test_a_config_built_in_code_gets_the_command_lines_checks(phantom_src, tmp_p
     with pytest.raises(SystemExit) as e:
         prepare.prepare(cfg_for(phantom_src, tmp_path / "out", **bad), progress=False)
     assert flag in str(e.value.code) and not (tmp_path / "out").exists()
+
+
+# -----------------------------------------------------------------------------
+# Your own scans: a plain folder of NIfTI files, no CSVs (issue 21)
+
+def read_rejects(out):
+    with open(os.path.join(out, "rejects.csv"), newline="") as f:
+        return {r["name"]: r["reason"] for r in csv.DictReader(f)}
+
+
+def plain_copy(src, dst):
+    """The image files of a CT-RATE-layout folder, flat in dst (no CSVs, no masks). Returns {name: whether its
+    header holds its HU scaling}: the phantom's "raw" volumes have theirs in the CSV only."""
+    dst.mkdir(parents=True)
+    scaled = {}
+    for p in sorted(src.glob("*_fixed/**/*.nii.gz")):
+        shutil.copy(p, dst / p.name)
+        scaled[ctrate.strip_ext(p.name)] = nib.load(p).dataobj.inter == -1024
+    return scaled
+
+
+def test_a_plain_folder_is_prepared_from_its_headers(phantom_src, prepared, tmp_path):
+    """HU and spacing from the headers, checked as for CT-RATE: the raw volumes (scaling in the CSV only) fail
+    the HU check by file, so do an unreadable file and two files of one name (a folder apart). Every other
+    volume is, voxel for voxel, what the CT-RATE prepare made of it, all in --split, with no labels or masks;
+    the other splits open empty. A CT-RATE name gives the patient, any other name is a patient of its own."""
+    src, out = tmp_path / "scans", tmp_path / "out"
+    scaled = plain_copy(phantom_src, src)
+    fixed, raw = sorted(n for n in scaled if scaled[n]), sorted(n for n in scaled if not scaled[n])
+    assert len(fixed) >= 3 and raw
+    (src / "sub").mkdir()
+    shutil.copy(src / f"{fixed[0]}.nii.gz", src / "sub")
+    (src / "broken.nii.gz").write_bytes(b"<html>404 not found</html>")
+    shutil.copy(src / f"{fixed[1]}.nii.gz", src / "my_scan.nii.gz")
+    manifest = prepare.prepare(cfg_for(src, out, split="test"), progress=False)
+    assert (manifest["layout"], manifest["split"], manifest["has_labels"]) == ("plain", "test", False)
+    rejects = read_rejects(out)
+    assert set(rejects) == set(raw) | {fixed[0], "broken"}
+    assert all("HU check failed" in rejects[n] and str(src / f"{n}.nii.gz") in rejects[n] for n in raw), rejects
+    assert "truncated or corrupt" in rejects["broken"] and str(src / "broken.nii.gz") in rejects["broken"]
+    both = [str(src / f"{fixed[0]}.nii.gz"), str(src / "sub" / f"{fixed[0]}.nii.gz")]
+    assert "duplicate" in rejects[fixed[0]] and all(p in rejects[fixed[0]] for p in both)
+
+    train, val, test = (open_split(out, s) for s in SPLITS)
+    assert len(train) == len(val) == 0 and len(train.slices) == 0 and train.labels is None
+    assert not test.has_labels and test.labels is None and not (test.has_anatomy.any() or test.has_abnormality.any())
+    assert test.anatomy.max() == 0 and test.abnormal.max() == 0
+    labelled = open_split(prepared, "test")
+    assert labelled.has_labels and labelled.labels.shape == (len(labelled), len(LABELS))
+    ref, got = volumes_by_name(prepared), volumes_by_name(out)
+    assert sorted(got) == sorted(fixed[1:] + ["my_scan"])
+    for name, (split, row, slices, anatomy, abnormal, depth) in got.items():
+        _, want, want_slices, _, _, want_depth = ref[fixed[1] if name == "my_scan" else name]
+        assert split == "test" and np.array_equal(slices, want_slices) and np.array_equal(depth, want_depth), name
+        assert row["labels"] is None and row["hu_source"] == "header" and not row["has_anatomy"]
+        assert row["patient"] == ("my_scan" if name == "my_scan" else want["patient"])
+        assert {k: row[k] for k in ("count", "box", "src_spacing", "flip_z", "z_direction")} == \
+            {k: want[k] for k in ("count", "box", "src_spacing", "flip_z", "z_direction")}, name
+    again = prepare.prepare(cfg_for(src, out, split="test"), progress=False)  # the same command: nothing to do
+    assert again["created"] == manifest["created"]
+    with pytest.raises(SystemExit, match="other settings"):
+        prepare.prepare(cfg_for(src, out, split="val"), progress=False)
+
+
+def test_the_layout_is_detected_or_said_to_be_unclear(phantom_src, tmp_path):
+    """auto: CT-RATE's folders with a metadata CSV, or none of them; CT-RATE's folder names without a CSV could
+    be either and say so. A flag only the other layout uses is one line, before anything is written."""
+    src = tmp_path / "mixed"
+    (src / "train").mkdir(parents=True)
+    one = next(iter(sorted(phantom_src.glob("train_fixed/**/*.nii.gz"))))
+    shutil.copy(one, src / "train")
+    cases = [([f"--src={src}"], "cannot tell its layout"),
+             ([f"--src={phantom_src}", "--split=test"], "--split=test is for a plain folder"),
+             ([f"--src={src}", "--layout=plain", "--hu=csv"], "--hu=csv needs CT-RATE's files"),
+             ([f"--src={src}", "--layout=plain", f"--rex={tmp_path}"], "--rex needs CT-RATE's files"),
+             ([f"--src={src / 'train'}", "--layout=ctrate"], "no volumes found under train_fixed/"),
+             ([f"--src={tmp_path / 'nowhere'}"], "no volumes found: no such folder")]
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            prepare.main(args + [f"--out={tmp_path / 'out'}", "--size=40", "--z_mm=4", "--workers=1"])
+        assert needle in str(e.value.code) and "\n" not in str(e.value.code), (args, e.value.code)
+        assert not (tmp_path / "out" / ".staging").exists()
+    manifest = prepare.prepare(cfg_for(src, tmp_path / "out", layout="plain"), progress=False)  # told: it is plain
+    assert manifest["splits"]["train"]["volumes"] == 1 and manifest["split"] == "train"  # --split's default
+
+
+# -----------------------------------------------------------------------------
+# Faults (issue 20): a reject fixed after the run, Ctrl-C while the scripts import torch
+
+def dataset_bytes(root):
+    return {f"{s}/{fn}": (root / s / fn).read_bytes() for s in SPLITS for fn in sorted(prepare.OWN_FILES)}
+
+
+@pytest.mark.parametrize("keep_staging", [False, True])
+def test_a_reject_fixed_after_the_run_is_taken_up_by_the_same_command(phantom_src, prepared, tmp_path, monkeypatch,
+                                                                      capsys, keep_staging):
+    """A volume rejected in a finished run (a truncated download) used to stay out until `rm -r OUT`: now
+    rejects.csv keeps each rejected file's size and mtime, and once the file changes the same command prepares
+    again, giving what a fresh run on the intact source gives, byte for byte (with --keep_staging it reads only
+    the changed volume). A file still broken is rejected again, one removed changes nothing."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(phantom_src, src)
+    name = open_split(prepared, "train").names[1]
+    path, cfg = image_path(src, name), cfg_for(src, out, keep_staging=keep_staging)
+    intact = open(path, "rb").read()
+    open(path, "wb").write(intact[: len(intact) // 2])
+    prepare.prepare(cfg, progress=False)
+    assert set(read_rejects(out)) == {name}
+    open(path, "wb").write(intact[: len(intact) // 3])  # a fix that failed: rejected again
+    capsys.readouterr()
+    prepare.prepare(cfg, progress=False)
+    assert "changed since rejected" in capsys.readouterr().out and set(read_rejects(out)) == {name}
+    prepare.prepare(cfg, progress=False)
+    assert "nothing to do" in capsys.readouterr().out
+    os.remove(path)  # a source removed after preparing: the dataset stays as it is
+    prepare.prepare(cfg, progress=False)
+    assert "nothing to do" in capsys.readouterr().out and (out / "manifest.json").exists()
+    open(path, "wb").write(intact)
+    redone = record_work(monkeypatch)
+    prepare.prepare(cfg, progress=False)
+    assert "changed since rejected; preparing again" in capsys.readouterr().out
+    n_all = sum(len(open_split(prepared, s)) for s in SPLITS)
+    assert redone == [name] if keep_staging else (name in redone and len(redone) == n_all)
+    assert read_rejects(out) == {} and dataset_bytes(out) == dataset_bytes(prepared)
+    redone.clear()
+    prepare.prepare(cfg, progress=False)
+    assert "nothing to do" in capsys.readouterr().out and redone == []
+
+
+SLOW_TORCH = "import os, time\nopen(os.environ['SHIM_READY'], 'w').close()\ntime.sleep(60)\n"
+
+
+@pytest.mark.parametrize("script", ["prepare.py", "train.py", "probe.py", "export.py"])
+def test_ctrl_c_while_importing_torch_is_one_line(tmp_path, script):
+    """Ctrl-C in the seconds torch takes to import: one line and status 130 (128 + SIGINT), no traceback. A
+    stand-in torch on the path says when the import has begun, then waits to be interrupted."""
+    (tmp_path / "shim" / "torch").mkdir(parents=True)
+    (tmp_path / "shim" / "torch" / "__init__.py").write_text(SLOW_TORCH)
+    ready = tmp_path / "ready"
+    env = run_env(PYTHONPATH=f"{tmp_path / 'shim'}{os.pathsep}{ROOT}", SHIM_READY=str(ready))
+    p = subprocess.Popen([sys.executable, str(ROOT / script)], cwd=tmp_path, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not ready.exists() and p.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.02)
+    assert ready.exists(), p.communicate()
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0 and "interrupted" in err, err

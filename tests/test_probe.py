@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import prepare
 import probe
 from conftest import ROOT, run_env
 from model import build_vit
@@ -54,18 +55,29 @@ def test_max_and_attention_find_the_one_slice_average_does_not():
     train, val = synthetic_bags(192, C=1, signal=5.0, seed=0), synthetic_bags(96, C=1, signal=5.0, seed=1)
     run = probe.train_probe_grid(train, val, steps=400, evals=1, seed=0, log=QUIET)
     y = val.labels.numpy()
-    best = {p: max(probe.macro("auroc", y, run.val_scores[-1, i, l]) for l in range(4))
+    best = {p: max(probe.macro("auroc", y, run.val_scores[-1, i, l]) for l in range(len(run.lrs)))
             for i, p in enumerate(run.poolings)}
     assert best["max"] > 0.9 and best["attn"] > 0.9, best
     assert best["avg"] < min(best["max"], best["attn"]) - 0.05, best
 
 
+def test_attention_per_class_finds_what_one_shared_query_cannot():
+    # each class's signal in its own slice and direction: one query shared by 6 classes must spread itself
+    # over their directions, one query per class points at its own (the release shares one: RECIPE.md 7)
+    kw = dict(D=24, C=6, signal=5.0, slices=(32, 64))
+    train, val = synthetic_bags(256, seed=10, **kw), synthetic_bags(128, seed=11, **kw)
+    run = probe.train_probe_grid(train, val, ("attn", "attn_class"), (1.0, 0.3), steps=400, evals=1, seed=0, log=QUIET)
+    y = val.labels.numpy()
+    best = {p: max(probe.macro("auroc", y, run.val_scores[-1, i, l]) for l in range(2)) for i, p in enumerate(run.poolings)}
+    assert best["attn_class"] > 0.9 and best["attn_class"] > best["attn"] + 0.2, best
+
+
 def test_padding_is_masked():
     # the same bag, alone or padded next to a longer one, gets the same logits from every pooling
     bags = synthetic_bags(8, seed=5)
-    grid = probe.ProbeGrid(torch.zeros(16), torch.ones(16), 3, ("avg", "max", "attn"), 2)
-    torch.nn.init.normal_(grid.W)
-    torch.nn.init.normal_(grid.q)
+    grid = probe.ProbeGrid(torch.zeros(16), torch.ones(16), 3, probe.ALL_POOLINGS, 2)
+    for p in (grid.W, grid.q, grid.qc):
+        torch.nn.init.normal_(p)
     short = int(bags.count.argmin())
     alone = grid(*bags.gather(torch.tensor([short])))
     with_long = grid(*bags.gather(torch.tensor([short, int(bags.count.argmax())])))
@@ -75,17 +87,18 @@ def test_padding_is_masked():
 def test_grid_in_one_pass_equals_each_probe_alone():
     train, val = synthetic_bags(64, seed=2), synthetic_bags(16, seed=3)
     kw = dict(steps=60, evals=3, seed=7, log=QUIET)
-    grid = probe.train_probe_grid(train, val, ("avg", "max", "attn"), (0.1, 0.03, 0.01, 0.003), **kw)
-    for pooling, lr in (("attn", 0.01), ("max", 0.1)):
+    grid = probe.train_probe_grid(train, val, probe.ALL_POOLINGS, (0.1, 0.03, 0.01, 0.003), **kw)
+    for pooling, lr in (("attn", 0.01), ("max", 0.1), ("attn_class", 0.03)):
         one = probe.train_probe_grid(train, val, (pooling,), (lr,), **kw)
         p, l = grid.poolings.index(pooling), grid.lrs.index(lr)
         for e in range(3):
             for k in ("W", "b"):
                 torch.testing.assert_close(one.states[e][k][0, 0], grid.states[e][k][p, l], atol=1e-5, rtol=1e-4)
-            if pooling == "attn":
-                torch.testing.assert_close(one.states[e]["q"][0], grid.states[e]["q"][l], atol=1e-5, rtol=1e-4)
+            if pooling.startswith("attn"):
+                q = "q" if pooling == "attn" else "qc"
+                torch.testing.assert_close(one.states[e][q][0], grid.states[e][q][l], atol=1e-5, rtol=1e-4)
         np.testing.assert_allclose(one.val_scores[:, 0, 0], grid.val_scores[:, p, l], atol=1e-5)
-    # the probes really differ: they are not 12 copies of one
+    # the probes really differ: they are not 16 copies of one
     assert not torch.allclose(grid.states[-1]["W"][0, 0], grid.states[-1]["W"][0, 3])
 
 
@@ -96,9 +109,9 @@ def test_benchmark_grid_equals_probes_alone(capsys):
     assert r["max_weight_diff"] < 1e-5
     assert r["grid_s"] > 0 and all(t > 0 for t in r["single_s"].values())
     with capsys.disabled():
-        print(f"\n[probe grid] 12 probes in one pass {r['grid_s']:.3f} s; alone: "
+        print(f"\n[probe grid] 18 probes in one pass {r['grid_s']:.3f} s; alone: "
               + ", ".join(f"{k} {v:.3f} s" for k, v in r["single_s"].items())
-              + f"; grid/single {r['grid_over_single']:.2f}x, {r['speedup_vs_sequential']:.1f}x faster than 12 runs")
+              + f"; grid/single {r['grid_over_single']:.2f}x, {r['speedup_vs_sequential']:.1f}x faster than 18 runs")
 
 
 def test_training_is_deterministic_per_seed():
@@ -106,6 +119,33 @@ def test_training_is_deterministic_per_seed():
     a, b, c = (probe.train_probe_grid(train, val, steps=30, evals=1, seed=s, log=QUIET) for s in (1, 1, 2))
     np.testing.assert_array_equal(a.val_scores, b.val_scores)
     assert not np.array_equal(a.val_scores, c.val_scores)
+
+
+def test_first_seed_selection_trains_the_chosen_probe_alone():
+    # the release's protocol: seed 0's grid chooses (pooling, lr, step); a later seed trains only that probe,
+    # on the same schedule, up to that step, and on seed 0 that single run is the grid's own member
+    train, val, test = synthetic_bags(96, seed=6), synthetic_bags(48, seed=7), synthetic_bags(48, seed=8)
+    cfg = ProbeConfig(steps=80, evals=4, lrs=(0.3, 0.03, 0.003))
+    sel, scores, _ = probe.evaluate_seed(train, val, test, cfg, seed=0, log=QUIET)
+    fixed = (sel.pooling, sel.lr, sel.step)
+    again, scores0, _ = probe.evaluate_seed(train, val, test, cfg, seed=0, log=QUIET, fixed=fixed)
+    np.testing.assert_allclose(scores0, scores, atol=1e-5)
+    np.testing.assert_array_equal(again.thresholds, sel.thresholds)
+    other, scores1, _ = probe.evaluate_seed(train, val, test, cfg, seed=1, log=QUIET, fixed=fixed)
+    assert (other.pooling, other.lr, other.step) == fixed and other.val_table.size == 1
+    assert not np.allclose(scores1, scores)                         # another seed: another probe
+
+
+def test_normalisation_presets():
+    # the default is training's own normalisation, bit for bit; DALE-CT-0-L's preset and a custom one differ
+    hu = torch.randint(-1100, 1500, (3, 16, 16)).to(torch.int16)
+    assert torch.equal(probe.normalize(hu, probe.norm_values("dale_ct")), prepare.normalize_hu(hu))
+    own = probe.normalize(hu, probe.norm_values("dale_ct_0_l"))
+    assert own.min() == pytest.approx((-940.8 + 25.03) / 246.87) and own.max() == pytest.approx((923.1 + 25.03) / 246.87)
+    assert probe.norm_values("-1000,1000,0,1000") == (-1000.0, 1000.0, 0.0, 1000.0)
+    for bad in ("ct", "1,2,3", "5,1,0,1", "-1,1,0,0"):
+        with pytest.raises(SystemExit, match="--norm"):
+            probe.parse_args(["--random_init", f"--norm={bad}"])
 
 
 def test_selection_never_reads_test():
@@ -133,7 +173,7 @@ def test_feature_cache_reuse_invalidation_and_recovery(tmp_path, monkeypatch):
     torch.manual_seed(0)
     vit = build_vit("tiny", img_size=32)
     slices = np.random.default_rng(0).integers(-1000, 500, (10, 48, 48)).astype(np.int16)
-    ident = {"backbone": "aaa", "vit": "tiny", "img_size": 32, "data": "d0"}
+    ident = {"backbone": "aaa", "vit": "tiny", "img_size": 32, "norm": probe.NORMS["dale_ct"], "data": "d0"}
     get = lambda ident: probe.cached_features(tmp_path / "features", "train", slices, vit, ident, batch_size=4)
 
     first = np.array(get(ident))
@@ -151,7 +191,9 @@ def test_feature_cache_reuse_invalidation_and_recovery(tmp_path, monkeypatch):
     assert (folder / "train.f32").stat().st_mtime_ns == stamp          # the first one untouched
     at_64 = np.array(get({**ident, "img_size": 64}))                  # another input size: its own folder
     get({**ident, "data": "d1"})                                      # another dataset: its own folder
-    assert len(calls) == 3 and len(list((tmp_path / "features").iterdir())) == 4
+    own = np.array(get({**ident, "norm": probe.NORMS["dale_ct_0_l"]}))  # another normalisation: its own folder
+    assert len(calls) == 4 and len(list((tmp_path / "features").iterdir())) == 5
+    assert not np.allclose(own, first)
     np.testing.assert_allclose(at_64, probe.extract_features(vit, slices, 64), atol=2e-2, rtol=1e-2)
     assert not np.allclose(at_64, first)                              # computed at its own size
     calls.clear()

@@ -136,6 +136,21 @@ def test_plan_stays_in_the_slab(prepared):
     assert len(set(plan["local"].ravel() - plan["centre"].repeat(cfg.n_local))) > 1  # neighbours are used
 
 
+@pytest.mark.parametrize("slab_mm", [0.0, 1.9])
+def test_pure_2d_draws_every_view_from_the_centre_slice(prepared, slab_mm):
+    # the paper's ablation arm (RECIPE.md 8): slab_mm below one slice gap (2 mm here) leaves only the centre;
+    # the volumes and centres are the depth-aware run's own (the draws after them follow another stream)
+    ds = prepare.open_split(prepared, "train")
+    flat, aware = (train.plan_slabs(ds, tiny_cfg(prepared, slab_mm=s), step=3, slots=range(64)) for s in (slab_mm, 12.0))
+    L = flat["local"].shape[1]
+    assert np.array_equal(flat["local"], flat["centre"][:, None].repeat(L, 1))
+    batch = train.gather(ds, flat)
+    assert torch.equal(batch["index"][:, 1:], batch["index"][:, :1].expand(-1, L))  # one slice per sample
+    assert not np.array_equal(aware["local"], flat["local"])
+    for k in ("vol", "centre"):
+        np.testing.assert_array_equal(flat[k], aware[k])
+
+
 def test_sampling_is_a_function_of_step_and_slot(prepared):
     ds = prepare.open_split(prepared, "train")
     cfg = tiny_cfg(prepared, micro_batch=2)
