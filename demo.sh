@@ -62,7 +62,8 @@ for v in 0 2s; do
         --out_dir="$OUT/dale_ct_$v" $TRAIN_ARGS | show "^(data|model):|^step [0-9]*00/"
 done
 
-# 5. Frozen-backbone MIL linear probes on the 18 findings: the random-init floor, then both models.
+# 5. Frozen-backbone probes: the MIL linear probe on the 18 findings and the world-model probes (finding
+#    and organ masks, slice order, effective rank), for the random-init floor, then both models.
 #    The floor is the pretraining runs' own step 0: same ViT, same LayerScale start (read from the
 #    run's config.json, so a TRAIN_ARGS override of it reaches the floor too).
 LS_INIT=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['layerscale_init'])" "$OUT/dale_ct_0/config.json")
@@ -81,7 +82,7 @@ stamp "probe.py --compare"
 $PY probe.py --config=probe_demo --compare="$OUT/probe_random,$OUT/probe_0,$OUT/probe_2s" --out="$OUT" | { grep -v "^config:" || true; }
 stamp "done"
 echo "table:            $OUT/comparison.md (and comparison.json); per model: $OUT/probe_{random,0,2s}/results.md"
-for f in "$OUT/sample.png" "$OUT"/dale_ct_{0,2s}/loss.png "$OUT"/probe_{random,0,2s}/roc.png "$OUT/comparison.png"; do
+for f in "$OUT/sample.png" "$OUT"/dale_ct_{0,2s}/loss.png "$OUT"/probe_{random,0,2s}/{roc,worldmodel}.png "$OUT"/{comparison,distance_vs_gap}.png; do
     [ -f "$f" ] && echo "picture:          $f"
 done
 [ -f "$OUT/comparison.png" ] || echo "pictures:         none (matplotlib is not installed for $PY)"

@@ -1,7 +1,9 @@
 """
 metrics.py: the probe's test metrics in numpy (RECIPE.md 7). Per class: AUROC, AUPRC (average precision), F1 and
 balanced accuracy; their macros over the classes that have both labels; F1-optimal thresholds; one probe's report;
-bootstrap 95% intervals. And depth R^2: how linearly a ridge reads slice depth out of the features.
+bootstrap 95% intervals. And depth R^2: how linearly a ridge reads slice depth out of the features. For
+worldmodel.py (RECIPE.md 9): 3D Dice and Hit@k per volume, slice ordering (Spearman), effective rank, and
+bootstraps over volumes of per-volume values and of slice-level macros.
 
 Every metric runs along the last axis, batched over the leading ones, with optional per-sample weights: a bootstrap
 resample is a vector of multiplicities, so the scores are sorted once and each resample costs a cumulative sum.
@@ -199,3 +201,176 @@ def depth_r2(train_x, train_y, val_x, val_y, test_x, test_y, alphas=tuple(10.0 *
     a = int(np.argmax(val_r2))
     return {"test_r2": float(r2(test_x, test_y)[a]), "val_r2": float(val_r2[a]), "alpha": float(alphas[a]),
             "train_slices": len(X)}
+
+
+# -----------------------------------------------------------------------------
+# The world-model probes (RECIPE.md 9): masks scored per volume, slice order, the features' effective rank.
+# A volume is the unit everywhere: bootstraps resample volumes, and a slice weighs what its volume weighs.
+
+def dice_scores(inter, pred, true):
+    """3D Dice of each (volume, class) from voxel counts (V, C): 2|P and T| / (|P| + |T|); NaN where the volume
+    has no voxel of the class, so a class counts only over the volumes that have it (RECIPE.md 9)."""
+    inter, pred, true = (np.asarray(a, np.float64) for a in (inter, pred, true))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(true > 0, 2 * inter / (pred + true), np.nan)
+
+
+def hit_rate(dice, k):
+    """Per class (last axis) of (V, C) Dice: the share of the volumes with the class whose Dice > k; NaN without any."""
+    finite = np.isfinite(dice)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite.any(0), (np.nan_to_num(dice, nan=-1.0) > k).sum(0) / finite.sum(0), np.nan)
+
+
+def class_means(values):
+    """(V, C) with NaN where undefined -> per-class means over the defined volumes (C,), NaN for an empty class."""
+    finite = np.isfinite(values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(finite.any(0), np.where(finite, values, 0).sum(0) / finite.sum(0), np.nan)
+
+
+def spearman(a, b):
+    """Spearman's rank correlation along the last axis, ties given their average rank; 0 where either side is
+    constant (a collapsed readout orders nothing), NaN below 2 elements."""
+    def ranks(x):
+        order, first, last = _tie_groups(np.asarray(x, np.float64), descending=False)
+        r = np.empty(order.shape)
+        np.put_along_axis(r, order, (first + last) / 2.0, -1)       # average rank of each tie group
+        return r - r.mean(-1, keepdims=True)
+    ra, rb = ranks(a), ranks(b)
+    if ra.shape[-1] < 2:
+        return np.full(ra.shape[:-1], np.nan)
+    den = np.sqrt((ra ** 2).sum(-1) * (rb ** 2).sum(-1))
+    return np.divide((ra * rb).sum(-1), den, out=np.zeros(den.shape), where=den > 0)
+
+
+def ordering_scores(pred, true, start, count, min_slices=3):
+    """Per volume: Spearman of predicted depth (..., S) and true depth (S,) over the volume's slices, (V, ...);
+    NaN under min_slices slices. The leading axes of pred (e.g. one row per ridge alpha) are kept."""
+    pred, true, undefined = np.asarray(pred), np.asarray(true), np.full(np.shape(pred)[:-1], np.nan)
+    out = [spearman(pred[..., s:s + n], true[s:s + n]) if n >= min_slices else undefined
+           for s, n in zip(np.asarray(start), np.asarray(count))]
+    return np.array(out, np.float64).reshape(len(out), *undefined.shape)
+
+
+def effective_rank(feats, chunk=65536):
+    """Participation ratio (sum l)^2 / sum l^2 of the covariance eigenvalues of (S, D) features: 1 when every
+    slice lies on one line (a collapsed backbone), D when isotropic. trace(C)^2 / |C|_F^2: no eigensolver."""
+    n, s1, s2 = 0, 0.0, 0.0
+    for i in range(0, len(feats), chunk):
+        x = np.asarray(feats[i:i + chunk], np.float64)
+        n, s1, s2 = n + len(x), s1 + x.sum(0), s2 + x.T @ x
+    mu = s1 / n
+    cov = s2 / n - np.outer(mu, mu)                                      # (D, D)
+    tr, fro2 = np.trace(cov), (cov ** 2).sum()
+    return float(tr * tr / fro2) if fro2 > 0 else float("nan")
+
+
+DEPTH_ALPHAS = tuple(10.0 ** np.arange(-2, 7))  # depth_r2's grid
+
+
+def depth_ridge(train_x, train_y, rows=None, alphas=DEPTH_ALPHAS, chunk=65536):
+    """depth_r2's ridge (standardised features -> depth, one fit per alpha) from chunked sums, so a memmap's
+    rows (a subset `rows`) are never held in memory at once. Returns predict(x (S, D)) -> (S, A)."""
+    rows = np.arange(len(train_y)) if rows is None else np.sort(np.asarray(rows))
+    n, s1, s2, sxy, sy = 0, 0.0, 0.0, 0.0, 0.0
+    for i in range(0, len(rows), chunk):
+        x, y = np.asarray(train_x[rows[i:i + chunk]], np.float64), np.asarray(train_y[rows[i:i + chunk]], np.float64)
+        n, s1, s2, sxy, sy = n + len(x), s1 + x.sum(0), s2 + x.T @ x, sxy + x.T @ y, sy + y.sum()
+    mu, ym = s1 / n, sy / n
+    sd = np.sqrt(np.clip(np.diag(s2) / n - mu * mu, 0, None)) + 1e-6    # depth_r2's standardisation
+    xtx = (s2 - n * np.outer(mu, mu)) / np.outer(sd, sd)                 # Xs^T Xs, (D, D)
+    xty = (sxy - n * mu * ym) / sd                                       # Xs^T (y - ym), (D,)
+    evals_, V = np.linalg.eigh(xtx)
+    W = V @ ((V.T @ xty)[:, None] / (evals_[:, None] + np.asarray(alphas)[None]))  # (D, A)
+    return lambda x: np.concatenate([((np.asarray(x[i:i + chunk], np.float64) - mu) / sd) @ W + ym
+                                     for i in range(0, max(len(x), 1), chunk)])[:len(x)]
+
+
+def bootstrap_volume_means(values, n_boot=1000, seed=0):
+    """values (V, C), NaN where undefined (a class absent from a volume): on each resample of the V volumes, the
+    mean over classes of the per-class mean over defined volumes, (n_boot,). Classes empty in a resample drop out."""
+    values = np.asarray(values, np.float64).reshape(len(values), -1)
+    finite = np.isfinite(values)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, len(values), len(values)), minlength=len(values))
+                       for _ in range(n_boot)]).astype(np.float64)      # (n_boot, V)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per = (counts @ np.where(finite, values, 0)) / (counts @ finite)  # (n_boot, C)
+        return np.nanmean(per[:, finite.any(0)], -1)
+
+
+def bootstrap_slice_macro(y, s, group, metric="auroc", n_boot=1000, seed=0):
+    """Slice-level macro AUROC / AUPRC of (N, C) labels and scores on each resample of the volumes (`group`
+    (N,) = volume index of each slice), a slice weighted by its volume's multiplicity, (n_boot,); macros over
+    the classes with both labels on the full set, as macro() takes them."""
+    group = np.asarray(group)
+    V, classes = int(group.max()) + 1, covered_classes(y)
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, V, V), minlength=V) for _ in range(n_boot)])  # (n_boot, V)
+    chunk = max(1, 4_000_000 // (y.shape[0] * y.shape[1]))
+    out = []
+    for i in range(0, n_boot, chunk):
+        w = counts[i:i + chunk][:, group][:, None, :]                    # (b, 1, N)
+        per = _per_class(metric, y.T, s.T, None, w)                      # (b, C)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out.append(np.nanmean(per[..., classes], -1))
+    return np.concatenate(out)
+
+
+def interval(samples, level=0.95):
+    """[lo, hi] of bootstrap samples, None where undefined (JSON has no NaN)."""
+    samples = np.asarray(samples, np.float64)
+    if not np.isfinite(samples).any():
+        return [None, None]
+    return [finite_or_none(q) for q in np.nanquantile(samples, [(1 - level) / 2, (1 + level) / 2])]
+
+
+def mean_or_none(x):
+    """nan-mean as a float, None where nothing is defined."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return finite_or_none(np.nanmean(x)) if np.size(x) else None
+
+
+def dice_report(dice, names, hits=(0.05, 0.10), n_boot=1000, seed=0):
+    """Test 3D Dice (V, C), NaN where a volume lacks the class -> mean Dice and Hit@k (means over classes of the
+    per-class values) with bootstrap 95% intervals over volumes, and the per-class table (RECIPE.md 9)."""
+    per, rates = class_means(dice), {f"hit{round(100 * k)}": hit_rate(dice, k) for k in hits}
+    out = {"value": mean_or_none(per), "ci95": interval(bootstrap_volume_means(dice, n_boot, seed))}
+    for (key, rate), k in zip(rates.items(), hits):
+        hit = np.where(np.isfinite(dice), np.nan_to_num(dice) > k, np.nan)  # (V, C), NaN where undefined
+        out[key] = {"value": mean_or_none(rate), "ci95": interval(bootstrap_volume_means(hit, n_boot, seed))}
+    out["per_class"] = {n: {"dice": finite_or_none(per[c]), "volumes": int(np.isfinite(dice[:, c]).sum()),
+                            **{key: finite_or_none(rate[c]) for key, rate in rates.items()}}
+                        for c, n in enumerate(names)}
+    return out
+
+
+def distance_by_gap(feats, depth_mm, start, count, center, step, max_gap_mm, seed=0, n_between=4096):
+    """Mean cosine distance 1 - cos(a - c, b - c) of two slices' features by their gap in mm (binned to `step`),
+    over the slice pairs within each volume; c (D,) a train mean, so a shared offset does not hide the variation.
+    between_volumes: the same for random slices of different volumes, the level of unrelated slices."""
+    K = int(max_gap_mm // step)
+    total, pairs = np.zeros(K + 1), np.zeros(K + 1)
+    unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+    for s, n in zip(np.asarray(start), np.asarray(count)):
+        x = unit(np.asarray(feats[s:s + n], np.float64) - center)        # (n, D)
+        z = np.asarray(depth_mm[s:s + n], np.float64)                     # (n,)
+        i, j = np.triu_indices(n, 1)
+        b = np.rint(np.abs(z[i] - z[j]) / step).astype(np.int64)          # (n(n-1)/2,) gap bins
+        keep = b <= K
+        total += np.bincount(b[keep], weights=1 - (x @ x.T)[i[keep], j[keep]], minlength=K + 1)
+        pairs += np.bincount(b[keep], minlength=K + 1)
+    vol = np.repeat(np.arange(len(start)), count)
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, len(vol), n_between), rng.integers(0, len(vol), n_between)
+    a, b = a[vol[a] != vol[b]], b[vol[a] != vol[b]]
+    x, y = (unit(np.asarray(feats[r], np.float64) - center) for r in (a, b))  # (P, D) each
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / pairs
+    return {"metric": "cosine distance of train-mean-centred features", "gap_mm": [k * step for k in range(1, K + 1)],
+            "distance": [finite_or_none(d) for d in mean[1:]], "pairs": pairs[1:].astype(int).tolist(),
+            "between_volumes": finite_or_none(np.mean(1 - (x * y).sum(-1))) if len(a) else None}

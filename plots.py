@@ -6,7 +6,10 @@ returns None, and the run carries on.
     plot_losses      a run's loss curves, from its log.jsonl
     plot_roc         the test ROC curve of every class
     plot_comparison  macro AUROC of compared models with their intervals
+    plot_worldmodel  test slices with their true and probed finding / organ masks (worldmodel.py)
+    plot_distance_vs_gap  mean feature distance by slice gap, one curve per compared model
 """
+import base64
 import json
 import os
 from dataclasses import replace
@@ -154,4 +157,62 @@ def plot_comparison(rows, png, log=print):
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
+    return png
+
+
+def unpack(d):
+    """An array packed by worldmodel.pack (dtype, shape, base64 of its bytes)."""
+    return np.frombuffer(base64.b64decode(d["b64"]), d["dtype"]).reshape(d["shape"])
+
+
+def plot_worldmodel(res, png, log=print):
+    """One row per pictured test slice (worldmodel's results): the slice, the true label map, the dense probe's
+    at the fixed threshold, its top class probability; all at mask resolution."""
+    shown = [(kind, p) for kind in ("findings", "organs") for p in res.get(kind, {}).get("pictures", [])]
+    plt = pyplot(log) if shown else None
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(len(shown), 4, figsize=(8, 2.1 * len(shown)), squeeze=False)
+    for row, (kind, p) in zip(axes, shown):
+        n = len(res[kind]["classes"])
+        row[0].imshow(unpack(p["hu"]), cmap="gray", vmin=-1000, vmax=400)
+        row[0].set_title(f"{p['volume']}, {p['depth_mm']:.0f} mm", fontsize=7)
+        for ax, key in zip(row[1:3], ("true", "pred")):
+            ax.imshow(unpack(p["hu"]), cmap="gray", vmin=-1000, vmax=400)
+            ax.imshow(np.ma.masked_equal(unpack(p[key]), 0), cmap="tab20", vmin=1, vmax=max(n, 2), alpha=0.6,
+                      interpolation="nearest")
+            ax.set_title(f"{kind}: {'truth' if key == 'true' else 'probe, ' + str(res[kind]['dice']['threshold'])}",
+                         fontsize=7)
+        row[3].imshow(unpack(p["prob"]) / 255, cmap="magma", vmin=0, vmax=1)
+        row[3].set_title("top class probability", fontsize=7)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    log(f"wrote {png}")
+    return png
+
+
+def plot_distance_vs_gap(curves, png, log=print):
+    """curves: model label -> worldmodel's distance_vs_gap; each model's mean distance by slice gap, its
+    between-volume level dashed in the same colour."""
+    plt = pyplot(log)
+    if plt is None or not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for label, c in curves.items():
+        gap = np.array(c["gap_mm"], float)
+        dist = np.array([np.nan if d is None else d for d in c["distance"]], float)
+        line, = ax.plot(gap, dist, marker=".", label=label)
+        if c.get("between_volumes") is not None:
+            ax.axhline(c["between_volumes"], color=line.get_color(), ls="--", lw=0.8)
+    ax.set_xlabel("slice gap (mm)", fontsize=8)
+    ax.set_ylabel(next(iter(curves.values()))["metric"], fontsize=7)
+    ax.set_title("within a volume (dashed: slices of different volumes)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    log(f"wrote {png}")
     return png

@@ -36,12 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import plots
-from common import (LABELS, NONEMPTY, NONNEG, POSITIVE, SPLITS, Check, at_least, atomic_write_text, describe,
-                    device_name, one_of, parse_config, pick_device, setting, writable)
-from metrics import (METRICS, average_precision, best_f1_thresholds, bootstrap_ci, bootstrap_samples,
-                     classification_report, covered_classes, depth_r2, finite_or_none, macro)
 import backbones
+import plots
+import report
+import worldmodel
+from common import (NONEMPTY, NONNEG, POSITIVE, SPLITS, Check, at_least, describe, device_name, one_of, parse_config,
+                    pick_device, setting, writable)
+from metrics import average_precision, best_f1_thresholds, classification_report, covered_classes, depth_r2, macro
 from model import PATCH, VIT_SIZES, build_vit
 from prepare import HU_CLIP, HU_MEAN, HU_STD, PreparedError, open_split
 
@@ -75,7 +76,8 @@ def valid_norm(spec):
 # Configuration
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(worldmodel.WorldModelConfig):  # the world-model probes' wm_* settings come first
+    world_model: bool = True      # also run worldmodel.py's probes (findings and organs, slice order, rank)
     # what to evaluate
     ckpt: str = ""                # train.py checkpoint (.pt) or released weights (.safetensors, timm keys)
     random_init: bool = False     # evaluate an untrained backbone instead: the floor pretraining must beat
@@ -449,121 +451,21 @@ def evaluate_seed(train, val, test, cfg, seed, log=print, fixed=None):
 
 
 # -----------------------------------------------------------------------------
-# The report
-
-def summarise(reports, scores, thresholds, y, cfg):
-    """Over the probe seeds: each macro metric's mean, std and bootstrap 95% interval; each class's mean metrics."""
-    summary, per_class = {}, {}
-    for m in METRICS:
-        vals = np.array([r["macro"][m] for r in reports], dtype=np.float64)
-        lo, hi = bootstrap_ci(y, scores, m, thresholds, cfg.n_boot, cfg.seed)
-        summary[m] = {"mean": finite_or_none(vals.mean()),
-                      "std": finite_or_none(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
-                      "ci95": [finite_or_none(lo), finite_or_none(hi)], "per_seed": [finite_or_none(v) for v in vals]}
-    for n in LABELS:
-        seeds = [r["per_class"][n] for r in reports]
-        per_class[n] = {m: finite_or_none(np.mean([np.nan if c[m] is None else c[m] for c in seeds])) for m in METRICS}
-        per_class[n]["prevalence"] = seeds[0]["prevalence"]
-    return summary, per_class
-
-
-def write_results(res, out):
-    """OUT/results.json and OUT/results.md; returns the markdown."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    s, names = res["summary"], {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "bacc": "balanced accuracy"}
-    excluded = ", ".join(f"{k} ({v})" for k, v in res["excluded"].items())
-    selected = "; ".join(f"seed {r['seed']}: {r['pooling']}, {r['lr']}, {r['step']} "
-                         f"(val AUPRC {r['val_macro_auprc']:.3f})" for r in res["seeds"])
-    lines = [f"# Frozen MIL linear probe: {res['backbone']['kind']} ViT-{res['backbone']['vit']}", "",
-             f"{res['data']['root']}: test {res['data']['volumes']['test']} volumes; "
-             f"{res['config']['seeds']} probe seeds; {res['device']}; {res['time_s']:.0f} s", "",
-             "| macro (test) | mean | std | 95% CI |", "|---|---|---|---|"]
-    lines += [f"| {names[m]} | {fmt(s[m]['mean'])} | {fmt(s[m]['std'])} | "
-              f"{fmt(s[m]['ci95'][0])}-{fmt(s[m]['ci95'][1])} |" for m in METRICS]
-    lines += ["", f"Macros cover {len(res['classes_in_macro'])} of {len(LABELS)} classes"
-              + (f"; excluded: {excluded}" if excluded else ".")]
-    lines += ["", "| class | AUROC | AUPRC | F1 | prevalence |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {fmt(c['auroc'])} | {fmt(c['auprc'])} | {fmt(c['f1'])} | {c['prevalence']:.3f} |"
-              for n, c in res["per_class"].items()]
-    lines += ["", f"Selected on val (pooling, lr, step): {selected}", "",
-              f"Depth ridge R^2 (test slices): {fmt(res['depth']['test_r2'])} (alpha {res['depth']['alpha']:g})"]
-    md = "\n".join(lines) + "\n"
-    atomic_write_text(out / "results.json", json.dumps(res, indent=1))
-    atomic_write_text(out / "results.md", md)
-    return md
-
-
-# -----------------------------------------------------------------------------
-# --compare: earlier runs side by side
-
-def training_time(backbone):
-    """Seconds of the train.py run that wrote a checkpoint (its log.jsonl), or None."""
-    log = Path(backbone.get("path", "")).parent / "log.jsonl"
-    if backbone.get("kind") != "checkpoint" or not log.is_file():
-        return None
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    return rows[-1].get("elapsed_s") if rows else None
-
-
-def compare(dirs, cfg):
-    """One table over earlier probe runs on the same test set, each row with its bootstrap 95% interval
-    and, against the row above it, the paired bootstrap interval of the AUROC difference."""
-    runs = []
-    for d in dirs:
-        try:
-            runs.append((d, json.loads((Path(d) / "results.json").read_text()), np.load(Path(d) / "test_scores.npz")))
-        except FileNotFoundError as e:
-            sys.exit(f"probe.py --compare: {d} has no results ({e.filename}); run probe.py --out={d} first")
-    if len({tuple(sc["names"]) for _, _, sc in runs}) != 1:
-        sys.exit("probe.py --compare: the runs were scored on different test volumes; compare runs on one dataset")
-    y = runs[0][2]["labels"]
-    samples = [bootstrap_samples(y, sc["scores"], "auroc", None, cfg.n_boot, cfg.seed) for _, _, sc in runs]
-    fmt = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"  # noqa: E731
-    ci = lambda m: f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"  # noqa: E731
-    lines = ["| model | macro AUROC ± seed std [95% CI] | Δ AUROC vs row above [paired 95% CI] | "
-             "macro AUPRC [95% CI] | macro F1 [95% CI] | depth R² | pretraining |", "|---|---|---|---|---|---|---|"]
-    rows = []
-    for i, (d, res, _) in enumerate(runs):
-        s, b = res["summary"], res["backbone"]
-        label = "random init" if b["kind"] == "random_init" else Path(b["path"]).parent.name
-        diff = None
-        if i:
-            diff = [float(s["auroc"]["mean"] - runs[i - 1][1]["summary"]["auroc"]["mean"]),
-                    *(float(q) for q in np.nanquantile(samples[i] - samples[i - 1], [0.025, 0.975]))]
-        t = training_time(b)
-        rows.append({"run": d, "model": label, "summary": s, "depth_r2": res["depth"]["test_r2"],
-                     "delta_auroc": diff, "train_s": t})
-        cells = [label, fmt(s["auroc"]), f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]" if diff else "",
-                 ci(s["auprc"]), ci(s["f1"]), f"{res['depth']['test_r2']:.3f}",
-                 f"{t / 60:.1f} min" if t is not None else ""]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Test: {len(y)} volumes, {runs[0][1]['config']['seeds']} probe seeds, {cfg.n_boot} bootstrap "
-              f"resamples; probed on {runs[0][1]['device']}."]
-    md = "\n".join(lines) + "\n"
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "comparison.md", md)
-    atomic_write_text(out / "comparison.json", json.dumps(rows, indent=1))
-    plots.plot_comparison(rows, out / "comparison.png")
-    print(md)
-    return rows
-
-
-# -----------------------------------------------------------------------------
 # The method, top to bottom
 
 def main(argv=None):
     cfg = parse_args(sys.argv[1:] if argv is None else argv)
     print(describe(cfg))
     if cfg.compare:
-        return compare(cfg.compare.split(","), cfg)
+        return report.compare(cfg.compare.split(","), cfg)
     t0, device = time.time(), pick_device(cfg.device)
     try:
         ds = {s: open_split(cfg.data, s) for s in SPLITS}
     except PreparedError as e:
         sys.exit(f"probe.py: {e}")
+    if not ds["train"].has_labels:  # prepared from a plain folder of NIfTI files
+        sys.exit(f"probe.py: {cfg.data} holds no labels (a plain NIfTI folder): the probe trains on CT-RATE's "
+                 f"18 labels; for features of your scans run python export.py --data={cfg.data}")
     empty = [s for s in SPLITS if len(ds[s]) == 0]
     if empty:  # before any feature or probe is computed
         sys.exit(f"probe.py: {cfg.data}: split {', '.join(empty)} has no volumes; the probe needs train, val and test")
@@ -590,25 +492,33 @@ def main(argv=None):
         runs.append((s, sel.thresholds, rep))
     scores, thresholds, reports = zip(*runs)
     scores, thresholds, y = np.stack(scores), np.stack(thresholds), test.labels.cpu().numpy()
-    summary, per_class = summarise(reports, scores, thresholds, y, cfg)
+    summary, per_class = report.summarise(reports, scores, thresholds, y, cfg)
 
     rng = np.random.default_rng(cfg.seed)
     keep = np.sort(rng.choice(len(feats["train"]), min(cfg.depth_max_slices, len(feats["train"])), replace=False))
     depth = depth_r2(feats["train"][keep], ds["train"].depth_pos[keep], feats["val"], ds["val"].depth_pos,
                      feats["test"], ds["test"].depth_pos)
 
-    res = {"config": asdict(cfg), "backbone": backbone, "feature_identity": identity,
+    wm = None
+    if cfg.world_model:  # frozen backbone again: the dense probes need patch tokens, never cached
+        print("world-model probes: " + ", ".join(cfg.wm_tasks) + ", slice order, effective rank")
+        norm = norm_values(cfg.norm)
+        wm = worldmodel.evaluate(vit, ds, feats, lambda hu: normalize(hu, norm), cfg.img_size, device, cfg)
+
+    res = {"config": asdict(cfg), "backbone": backbone, "feature_identity": identity, "worldmodel": wm,
            "normalisation": dict(zip(("clip_lo", "clip_hi", "mean", "std"), norm_values(cfg.norm))),
            "data": {"root": str(cfg.data), "manifest": ds["train"].manifest,
                     "volumes": {s: len(ds[s]) for s in SPLITS}, "slices": {s: len(ds[s].slices) for s in SPLITS}},
            "device": device_name(device), "summary": summary, "classes_in_macro": reports[0]["classes_in_macro"],
            "excluded": reports[0]["excluded"], "per_class": per_class, "seeds": seeds, "depth": depth,
            "time_s": time.time() - t0}
-    print(write_results(res, cfg.out))
+    print(report.write_results(res, cfg.out))
     np.savez(Path(cfg.out) / "test_scores.npz", scores=scores, thresholds=thresholds, labels=y,
              names=np.array(ds["test"].names))  # what --compare needs for paired intervals
     plots.plot_roc(y, scores.mean(0), Path(cfg.out) / "roc.png", f"{backbone['kind']} ViT-{backbone['vit']}: "
                    f"test ROC per class, macro AUROC {summary['auroc']['mean']:.3f}")
+    if wm:
+        plots.plot_worldmodel(wm, Path(cfg.out) / "worldmodel.png")
     print(f"wrote {cfg.out}/results.json and results.md")
     return res
 

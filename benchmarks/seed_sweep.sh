@@ -76,11 +76,12 @@ wait $floor || { tail "$OUTD/logs/probe_random.log"; exit 1; }
 
 $PY - "$RUNS" "$OUTD" <<'EOF'
 # One row per seed and 2S candidate: AUROC of the floor, DALE-CT-0 and 2S, and the paired
-# bootstrap interval of each step (probe.compare, as demo.sh's table computes it).
+# bootstrap interval of each step (report.compare, as demo.sh's table computes it).
 import json, sys, re
 from pathlib import Path
 import numpy as np
 import probe
+import report
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])
 cfg = probe.ProbeConfig(n_boot=1000)
 rows = []
@@ -90,7 +91,7 @@ for p2 in sorted(runs.glob("probe_dale_ct_2s_s*_*")):
     if not (p0 / "results.json").exists() or not (p2 / "results.json").exists():
         continue
     cfg.out = str(out / f"cmp_s{s}_{c}")
-    r = probe.compare([str(runs / "probe_random"), str(p0), str(p2)], cfg)
+    r = report.compare([str(runs / "probe_random"), str(p0), str(p2)], cfg)
     rows.append({"seed": int(s), "candidate": c, "random": r[0]["summary"]["auroc"]["mean"],
                  "dale_ct_0": r[1]["summary"]["auroc"]["mean"], "dale_ct_2s": r[2]["summary"]["auroc"]["mean"],
                  "step1": r[1]["delta_auroc"], "step2": r[2]["delta_auroc"],

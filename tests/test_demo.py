@@ -40,11 +40,19 @@ def test_demo_end_to_end_small(tmp_path):
         assert d == pytest.approx(r["summary"]["auroc"]["mean"] - above["summary"]["auroc"]["mean"])
         assert -1.0 <= lo <= hi <= 1.0
         assert r["train_s"] > 0                                                 # read from the run's log.jsonl
-    # the table demo.sh prints is the one written to comparison.md: a header, a rule, three rows
-    table = [line for line in (out / "comparison.md").read_text().splitlines() if line.startswith("|")]
-    assert len(table) == 5 and [t.split("|")[1].strip() for t in table[2:]] == ["random init", "dale_ct_0",
-                                                                                 "dale_ct_2s"]
-    assert "| dale_ct_2s |" in run.stdout
+    # the tables demo.sh prints are the ones written to comparison.md: the MIL probe's, a header, a rule,
+    # three rows; then the world-model probes' (worldmodel.py) for the same three, each value with its interval
+    blocks = [[ln for ln in b.splitlines() if ln.startswith("|")] for b in (out / "comparison.md").read_text().split("\n\n")]
+    table, wm = [b for b in blocks if b]
+    models = ["random init", "dale_ct_0", "dale_ct_2s"]
+    assert len(table) == 5 and [t.split("|")[1].strip() for t in table[2:]] == models
+    assert len(wm) == 5 and [t.split("|")[1].strip() for t in wm[2:]] == models
+    assert "findings: 3D Dice" in wm[0] and "organs: slice AUROC" in wm[0] and "effective rank" in wm[0]
+    for line, r in zip(wm[2:], rows):
+        rank = r["worldmodel"]["effective_rank"]["value"]
+        assert 1.0 <= rank <= 192 and f"{rank:.1f} of 192" in line
+    assert "| dale_ct_2s |" in run.stdout and "findings: 3D Dice" in run.stdout
+    assert (out / "distance_vs_gap.png").exists() == (out / "comparison.png").exists()
     # AUPRC and F1 carry their bootstrap intervals too, the numbers of each run's results.json
     for line, r in zip(table[2:], rows):
         for cell, m in zip(line.split("|")[4:6], ("auprc", "f1")):

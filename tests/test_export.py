@@ -142,3 +142,11 @@ def test_an_empty_split_asked_for_is_one_line(plain, tmp_path):
         export.main([*BACKBONE, f"--data={root / 'prepared'}", f"--out={tmp_path / 'out'}", "--splits=train,test"])
     assert "no volumes in train" in str(e.value.code) and "\n" not in str(e.value.code)
     assert not (tmp_path / "out").exists()
+
+
+def test_probe_refuses_an_unlabelled_dataset_and_points_to_export(plain, tmp_path):
+    root, _ = plain
+    with pytest.raises(SystemExit) as e:
+        probe.main(["--random_init", f"--data={root / 'prepared'}", f"--out={tmp_path / 'p'}"])
+    assert "holds no labels" in str(e.value.code) and "export.py" in str(e.value.code)
+    assert "\n" not in str(e.value.code) and not (tmp_path / "p").exists()

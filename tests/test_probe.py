@@ -16,6 +16,7 @@ import torch
 
 import prepare
 import probe
+from common import LABELS
 from conftest import ROOT, run_env
 from model import build_vit
 from probe import Bags, ProbeConfig
@@ -264,8 +265,12 @@ def test_end_to_end_random_init(prepared_phantom, tmp_path):
     assert saved["summary"]["auroc"]["mean"] == res["summary"]["auroc"]["mean"]
     assert saved["backbone"]["kind"] == "random_init" and saved["config"]["steps"] == 40
     assert saved["data"]["manifest"]["format"] == "dale-ct-prepared" and len(saved["seeds"]) == 2
-    assert set(saved["per_class"]) == set(probe.LABELS)
+    assert set(saved["per_class"]) == set(LABELS)
     assert "Macros cover" in (tmp_path / "results.md").read_text()
+    # the world-model probes ran on the same backbone, with probe.py's wm_* settings
+    wm = saved["worldmodel"]
+    assert wm["settings"]["wm_epochs"] == 3 and 1.0 <= wm["effective_rank"]["value"] <= 192
+    assert "World-model probes" in (tmp_path / "results.md").read_text()
     n_folders = len(os.listdir(prepared_phantom / "features"))
     probe.main(args)                                                  # second run: features reused
     assert len(os.listdir(prepared_phantom / "features")) == n_folders
@@ -373,7 +378,8 @@ def test_end_to_end_pretrain_probe_compare(tmp_path):
     diff, lo, hi = rows[1]["delta_auroc"]
     assert diff == pytest.approx(trained["summary"]["auroc"]["mean"] - floor["summary"]["auroc"]["mean"])
     assert lo <= hi and rows[1]["train_s"] > 0
-    assert (tmp_path / "cmp" / "comparison.md").read_text().count("\n| ") == 2  # one line per model
+    mil = (tmp_path / "cmp" / "comparison.md").read_text().split("\n\n")[0]
+    assert mil.count("\n| ") == 2  # the MIL table: one line per model
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "trained" / "roc.png").exists() and (tmp_path / "cmp" / "comparison.png").exists()
 
