@@ -292,7 +292,7 @@ def test_feature_cache_elsewhere_for_a_read_only_dataset(prepared_phantom, tmp_p
     data = tmp_path / "data"
     shutil.copytree(prepared_phantom, data, ignore=shutil.ignore_patterns("features"))
     args = [f"--data={data}", "--random_init", "--img_size=32", "--steps=20", "--seeds=1", "--n_boot=50",
-            "--evals=2"]
+            "--evals=2", "--world_model=false"]
     elsewhere = probe.main(args + [f"--cache={tmp_path / 'cache'}", f"--out={tmp_path / 'a'}"])
     assert not (data / "features").exists() and list((tmp_path / "cache").iterdir())
     default = probe.main(args + [f"--out={tmp_path / 'b'}"])
@@ -363,7 +363,8 @@ def test_end_to_end_pretrain_probe_compare(tmp_path):
                 "--max_steps=150", "--warmup_steps=10", "--log_every=50", "--device=cpu", "--batch_size=32",
                 "--micro_batch=32", "--aux_weight=1.0", "--seed=0"])
     ls_init = json.loads((tmp_path / "run" / "config.json").read_text())["layerscale_init"]
-    common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200"]
+    common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200",
+              "--world_model=false"]  # the world-model probes: test_end_to_end_random_init, tests/test_worldmodel.py
     floor = probe.main(common + ["--random_init", f"--layerscale_init={ls_init}", f"--out={tmp_path / 'random'}"])
     trained = probe.main(common + [f"--ckpt={tmp_path / 'run' / 'ckpt.pt'}", f"--out={tmp_path / 'trained'}"])
     for res in (floor, trained):

@@ -21,7 +21,7 @@ from model import build_vit, load_backbone
 from phantom import write_phantom
 
 SAMPLING = (train.plan_slabs, train.slab_range, train.gather, train.make_views)  # what plots.draw_sample takes
-PRESETS = sorted(f[:-5] for f in os.listdir(common.CONFIG_DIR) if f.endswith(".json"))
+PRESETS = sorted(f[:-5] for f in os.listdir(common.CONFIG_DIR) if f.endswith(".json") and not f.startswith("probe_"))
 
 
 @pytest.fixture(scope="session")
