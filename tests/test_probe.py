@@ -131,7 +131,8 @@ def test_first_seed_selection_trains_the_chosen_probe_alone():
     fixed = (sel.pooling, sel.lr, sel.step)
     again, scores0, _ = probe.evaluate_seed(train, val, test, cfg, seed=0, log=QUIET, fixed=fixed)
     np.testing.assert_allclose(scores0, scores, atol=1e-5)
-    np.testing.assert_array_equal(again.thresholds, sel.thresholds)
+    # thresholds are validation scores: equal up to the summation order of a batch of 1 against 18 probes
+    np.testing.assert_allclose(again.thresholds, sel.thresholds, atol=1e-5)
     other, scores1, _ = probe.evaluate_seed(train, val, test, cfg, seed=1, log=QUIET, fixed=fixed)
     assert (other.pooling, other.lr, other.step) == fixed and other.val_table.size == 1
     assert not np.allclose(scores1, scores)                         # another seed: another probe
@@ -345,7 +346,7 @@ def test_loads_a_train_checkpoint_at_its_own_size(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_pretrain_probe_compare(tmp_path):
-    """phantom -> prepare -> 150 steps of train.py (2S) -> probe, against a random-init backbone, then
+    """phantom -> prepare -> 80 steps of train.py (2S) -> probe, against a random-init backbone, then
     --compare: the briefly pretrained model must beat the random-init floor in macro AUROC.
     What makes that hold at test scale: every phantom volume carries finding masks (rex_frac 1), so the
     2S dense heads supervise the backbone on every slab, at a weight pinned to 1.0 (the phantom preset's
@@ -360,7 +361,7 @@ def test_end_to_end_pretrain_probe_compare(tmp_path):
     prepare.prepare(prepare.Config(src=str(src), out=str(prep), z_mm=5, size=64, mask_size=64, workers=1),
                     progress=False)
     train.main(["--config=phantom", "--variant=2s", f"--data={prep}", f"--out_dir={tmp_path / 'run'}",
-                "--max_steps=150", "--warmup_steps=10", "--log_every=50", "--device=cpu", "--batch_size=32",
+                "--max_steps=80", "--warmup_steps=10", "--log_every=40", "--device=cpu", "--batch_size=32",
                 "--micro_batch=32", "--aux_weight=1.0", "--seed=0"])
     ls_init = json.loads((tmp_path / "run" / "config.json").read_text())["layerscale_init"]
     common = [f"--data={prep}", "--img_size=64", "--steps=300", "--evals=5", "--seeds=2", "--n_boot=200",
