@@ -146,6 +146,9 @@ def load(path, *, img_size=None, rgb="repeat", num_heads=None):
     if rgb not in RGB_MODES:
         raise ValueError(f"rgb={rgb!r}: expected one of {', '.join(RGB_MODES)}")
     sd, src = read_weights(path)
+    if any(k.endswith("patch_embed.proj.weight") and v.ndim == 5 for k, v in sd.items()):  # a Conv3d stem
+        import swin3d  # a 3D Swin (ours or MONAI's SwinUNETR family): swin3d.py reads it
+        return swin3d.load(sd, where=str(path))
     D, C, p, depth, reg, hidden, side, no_embed_class = read_shape(path, sd, src["no_embed_class"])
     config = src["config"]
     heads, heads_from = ((num_heads, "num_heads=") if num_heads else

@@ -240,25 +240,46 @@ class DenseHeads(nn.Module):
 
 class DaleCT(nn.Module):
     """What train.py optimises: backbone + projector (+ dense heads for 1S/2S), built from its Config;
-    one module, so DDP sees one forward per micro-step."""
+    one module, so DDP sees one forward per micro-step. The backbone is the ViT, or with --input=3d the
+    3D Swin (swin3d.py), whose pooled stages stand in for the CLS token; the projector is LeJEPA's, or
+    with --objective=dino DINO's head (dino.py)."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.vit = build_vit(cfg.vit, img_size=cfg.global_size, init_values=cfg.layerscale_init)
-        self.projector = Projector(self.vit.embed_dim, hidden=cfg.proj_hidden, out=cfg.proj_dim)
+        self.is_3d = getattr(cfg, "input", "2d") == "3d"
+        if self.is_3d:
+            import swin3d  # here: a reader who only wants DALE-CT never needs the 3D file
+            self.backbone = swin3d.build(cfg.swin)
+        else:
+            self.backbone = build_vit(cfg.vit, img_size=cfg.global_size, init_values=cfg.layerscale_init)
+        dim = self.backbone.embed_dim
+        if getattr(cfg, "objective", "lejepa") == "dino":
+            import dino
+            self.projector = dino.DINOHead(dim, hidden=cfg.proj_hidden, bottleneck=cfg.dino_bottleneck,
+                                           prototypes=cfg.dino_prototypes)
+        else:
+            self.projector = Projector(dim, hidden=cfg.proj_hidden, out=cfg.proj_dim)
         self.heads = None
         if cfg.variant != "0":
-            self.heads = DenseHeads(self.vit.embed_dim, N_ANATOMY, len(ABNORMALITY_CODES))
+            self.heads = DenseHeads(dim, N_ANATOMY, len(ABNORMALITY_CODES))
         if cfg.variant == "1s":  # no abnormality head at all: a head outside the loss would
             del self.heads.abnormal  # leave DDP waiting for its gradients (and be saved untrained)
 
+    def features(self, x):
+        """(the CLS token or the 3D Swin's pooled stages (N, D), the patch tokens (N, T, D) or None)."""
+        return (self.backbone.embed(x), None) if self.is_3d else self.backbone(x)
+
+    def project(self, x):
+        """Projector outputs of one kind of view (N, K): DINO's teacher sees the global views only."""
+        return self.projector(self.features(x)[0])
+
     def embed(self, xg, xl):
         """Projector outputs only (V*B, K): what SIGReg's statistics need."""
-        return self.projector(torch.cat([self.vit(xg)[0], self.vit(xl)[0]]))
+        return self.projector(torch.cat([self.features(xg)[0], self.features(xl)[0]]))
 
-    def forward(self, xg, xl):  # (2B, 1, G, G), (L*B, 1, l, l)
-        cls_g, patch_g = self.vit(xg)  # (2B, D), (2B, Tg, D)
-        cls_l, patch_l = self.vit(xl)  # (L*B, D), (L*B, Tl, D)
+    def forward(self, xg, xl):  # (2B, 1, G, G), (L*B, 1, l, l); 3D: (2B, 1, G, G, G), (L*B, 1, l, l, l)
+        cls_g, patch_g = self.features(xg)  # (2B, D), (2B, Tg, D)
+        cls_l, patch_l = self.features(xl)  # (L*B, D), (L*B, Tl, D)
         z = self.projector(torch.cat([cls_g, cls_l]))  # (V*B, K)
         if self.heads is None:
             return z, None, None

@@ -39,12 +39,15 @@ from tqdm import tqdm
 import backbones
 import plots
 import report
+import swin3d
+import views3d
 import worldmodel
-from common import (NONEMPTY, NONNEG, POSITIVE, SPLITS, Check, at_least, describe, device_name, one_of, parse_config,
-                    pick_device, setting, writable)
+from common import (NONEMPTY, NONNEG, POSITIVE, SPLITS, Check, at_least, describe, device_name, load_torch, one_of,
+                    parse_config, pick_device, setting, writable)
 from metrics import average_precision, best_f1_thresholds, classification_report, covered_classes, depth_r2, macro
 from model import PATCH, VIT_SIZES, build_vit
 from prepare import HU_CLIP, HU_MEAN, HU_STD, PreparedError, open_split
+from swin3d import SWIN_SIZES
 
 # The release's grid (RECIPE.md 7): 3 poolings x 6 learning rates; "attn_class" (one query per class) is ours
 POOLINGS = ("avg", "max", "attn")
@@ -82,6 +85,12 @@ class ProbeConfig(worldmodel.WorldModelConfig):  # the world-model probes' wm_* 
     ckpt: str = ""                # train.py checkpoint (.pt) or released weights (.safetensors, timm keys)
     random_init: bool = False     # evaluate an untrained backbone instead: the floor pretraining must beat
     vit: str = setting("tiny", one_of(*VIT_SIZES))  # random_init's size; a checkpoint's comes from its weights
+    input: str = setting("2d", one_of("2d", "3d"))  # random_init's kind: 2d = a ViT, 3d = a 3D Swin (swin3d.py)
+    swin: str = setting("tiny", one_of(*SWIN_SIZES))  # random_init 3d: its size
+    # 3D encoders: a volume is a bag of windows block_mm deep at window_voxels along that depth (views3d.py);
+    # 0 = the pretraining's block_mm and global_size (a train.py checkpoint's config), as its views were cut
+    block_mm: float = setting(0.0, NONNEG)
+    window_voxels: int = setting(0, NONNEG)
     # random_init only: LayerScale's starting gain; give the pretraining run's, so the floor is its step 0
     layerscale_init: float = setting(1e-5, POSITIVE)
     data: str = setting("data/prepared", NONEMPTY)  # folder written by prepare.py (train, val, test)
@@ -117,6 +126,8 @@ class ProbeConfig(worldmodel.WorldModelConfig):  # the world-model probes' wm_* 
             (not self.lrs, "--lrs: give at least one learning rate"),
             (not self.compare and bool(self.ckpt) == self.random_init,
              "give exactly one of --ckpt=PATH (a checkpoint to evaluate) or --random_init (or --compare=DIRS)"),
+            (self.random_init and self.input == "3d" and not (self.block_mm and self.window_voxels),
+             "--random_init --input=3d: give --block_mm and --window_voxels (the 3D arm's pretraining block)"),
         ]
         return [message for wrong, message in checks if wrong]
 
@@ -132,9 +143,14 @@ def parse_args(argv):
 # Features: the CLS token of every slice, computed once per (checkpoint, img_size, data) and cached
 
 def load_model(cfg):
-    """The frozen ViT and its identity (what the feature cache is keyed by)."""
+    """The frozen backbone and its identity (what the feature cache is keyed by)."""
     if cfg.random_init:
         torch.manual_seed(cfg.seed)
+        if cfg.input == "3d":
+            net = swin3d.build(cfg.swin)
+            return net, {"kind": "random_init", "vit": f"swin3d-{cfg.swin}", "input": "3d", "seed": cfg.seed,
+                         "block_mm": cfg.block_mm, "window_voxels": cfg.window_voxels,
+                         "sha256": state_dict_sha256(net.state_dict())}
         vit = build_vit(cfg.vit, img_size=cfg.img_size, init_values=cfg.layerscale_init)
         return vit, {"kind": "random_init", "vit": cfg.vit, "seed": cfg.seed,
                      "layerscale_init": cfg.layerscale_init, "sha256": state_dict_sha256(vit.state_dict())}
@@ -146,6 +162,15 @@ def load_model(cfg):
         vit, info = backbones.load(path)  # at its native grid: resampled once per forward, as in timm
     except (ValueError, ImportError, KeyError) as e:
         sys.exit(f"probe.py: cannot use {path} as a backbone: {str(e).splitlines()[0]}")
+    if info.get("input") == "3d":  # a 3D Swin: windows as its pretraining cut blocks, unless told otherwise
+        train_cfg = load_torch(path).get("config", {}) if path.suffix == ".pt" else {}
+        info["block_mm"] = cfg.block_mm or train_cfg.get("block_mm")
+        info["window_voxels"] = cfg.window_voxels or train_cfg.get("global_size")
+        if not (info["block_mm"] and info["window_voxels"]):
+            sys.exit(f"probe.py: {path} is a 3D Swin without a train.py config: give --block_mm and --window_voxels")
+        with open(path, "rb") as f:
+            info["sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
+        return vit, {"kind": "checkpoint", "path": str(path), **info}
     n, p = cfg.img_size // vit.patch_size, vit.patch_size
     if cfg.img_size % p:  # the release probes every backbone at 256 px, patch 14 included (RECIPE.md 9)
         print(f"note: patch {p} at --img_size={cfg.img_size}: {n}x{n} patches cover {n * p} px; the last "
@@ -209,12 +234,13 @@ def data_identity(root):
     return h.hexdigest()
 
 
-def cached_features(cache, split, slices, vit, identity, batch_size=64, device="cpu"):
+def cached_features(cache, split, slices, vit, identity, batch_size=64, device="cpu", windows=None):
     """CLS features (S, D) of a split at identity["img_size"], cached in CACHE/KEY/SPLIT.f32, KEY a hash of
-    the identity (checkpoint, img_size, normalisation, data). Written, then renamed: complete or absent."""
+    the identity (checkpoint, img_size, normalisation, data). Written, then renamed: complete or absent.
+    windows: a views3d.WindowSplit: the 3D encoder's embedding of every window (W, D) instead."""
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache) / key / f"{split}.f32"
-    shape = (len(slices), vit.embed_dim)
+    shape = (len(slices) if windows is None else int(windows.count.sum()), vit.embed_dim)
     if path.is_file() and path.stat().st_size == 4 * shape[0] * shape[1]:
         return np.memmap(path, np.float32, "r", shape=shape)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,10 +248,15 @@ def cached_features(cache, split, slices, vit, identity, batch_size=64, device="
     # float32: a random-init ViT's CLS tokens vary across slices by less than float16's resolution
     arr = np.memmap(tmp, np.float32, "w+", shape=shape)
     t = time.time()
-    extract_features(vit, slices, identity["img_size"], batch_size, device, out=arr, desc=f"features {split}",
-                     norm=identity["norm"])
+    if windows is None:
+        extract_features(vit, slices, identity["img_size"], batch_size, device, out=arr, desc=f"features {split}",
+                         norm=identity["norm"])
+    else:
+        with tqdm(total=len(windows), desc=f"features {split}", unit="volume", leave=False, disable=None) as bar:
+            views3d.window_features(vit, windows, identity["img_size"], torch.device(device), arr, bar)
     seconds = time.time() - t
-    print(f"features {split}: {shape[0]} slices in {seconds:.1f} s ({shape[0] / seconds:.0f} slices/s)")
+    print(f"features {split}: {shape[0]} {'slices' if windows is None else 'windows'} in {seconds:.1f} s "
+          f"({shape[0] / seconds:.0f}/s)")
     arr.flush()
     del arr
     os.replace(tmp, path)
@@ -472,10 +503,19 @@ def main(argv=None):
     vit, backbone = load_model(cfg)
     identity = {"backbone": backbone["sha256"], "vit": backbone["vit"], "img_size": cfg.img_size,
                 "norm": norm_values(cfg.norm), "data": data_identity(cfg.data)}
+    is_3d, windows = backbone.get("input") == "3d", {s: None for s in SPLITS}
+    if is_3d:  # bags of windows (views3d.py), in CoralBay's intensity scaling: --img_size and --norm do not apply
+        print(f"3D encoder: a volume is a bag of windows {backbone['block_mm']:g} mm deep at "
+              f"{backbone['window_voxels']} voxels; --img_size and --norm do not apply")
+        identity.update(img_size=backbone["window_voxels"], norm="coralbay [-1000, 1000] -> [0, 1]",
+                        block_mm=backbone["block_mm"])
+        windows = {s: views3d.WindowSplit(ds[s], backbone["block_mm"]) for s in SPLITS}
     cache = cfg.cache or os.path.join(cfg.data, "features")
     if not writable(cache):  # a read-only dataset, say
         sys.exit(f"probe.py: cannot write the feature cache to {cache}; pass --cache=DIR, a writable folder")
-    feats = {s: cached_features(cache, s, ds[s].slices, vit, identity, cfg.feat_batch, device) for s in SPLITS}
+    feats = {s: cached_features(cache, s, ds[s].slices, vit, identity, cfg.feat_batch, device, windows[s])
+             for s in SPLITS}
+    ds_slices, ds = ds, (windows if is_3d else ds)  # from here on an instance is a slice or a window
     print(f"features: {', '.join(f'{s} {feats[s].shape}' for s in SPLITS)} in {cache}/")
     center = feature_mean(feats["train"])  # train statistics only
     train, val, test = (make_bags(feats[s], ds[s], device, center=center) for s in SPLITS)
@@ -500,7 +540,13 @@ def main(argv=None):
                      feats["test"], ds["test"].depth_pos)
 
     wm = None
-    if cfg.world_model:  # frozen backbone again: the dense probes need patch tokens, never cached
+    if cfg.world_model and is_3d:  # windows have no patch grid over a slice: depth, order and rank only
+        print("world-model probes: slice order (of windows), effective rank; findings and organs: n/a in 3D")
+        wm = {"settings": asdict(worldmodel.WorldModelConfig(**{k: getattr(cfg, k) for k in
+                                                                worldmodel.WorldModelConfig.__dataclass_fields__})),
+              **{k: {"skipped": "a 3D encoder has no per-slice patch tokens"} for k in worldmodel.TASKS},
+              **worldmodel.slice_position(feats, ds, cfg), "time_s": 0.0}
+    elif cfg.world_model:  # frozen backbone again: the dense probes need patch tokens, never cached
         print("world-model probes: " + ", ".join(cfg.wm_tasks) + ", slice order, effective rank")
         norm = norm_values(cfg.norm)
         wm = worldmodel.evaluate(vit, ds, feats, lambda hu: normalize(hu, norm), cfg.img_size, device, cfg)
@@ -508,7 +554,9 @@ def main(argv=None):
     res = {"config": asdict(cfg), "backbone": backbone, "feature_identity": identity, "worldmodel": wm,
            "normalisation": dict(zip(("clip_lo", "clip_hi", "mean", "std"), norm_values(cfg.norm))),
            "data": {"root": str(cfg.data), "manifest": ds["train"].manifest,
-                    "volumes": {s: len(ds[s]) for s in SPLITS}, "slices": {s: len(ds[s].slices) for s in SPLITS}},
+                    "volumes": {s: len(ds[s]) for s in SPLITS},
+                    "slices": {s: len(ds_slices[s].slices) for s in SPLITS},
+                    **({"windows": {s: int(ds[s].count.sum()) for s in SPLITS}} if is_3d else {})},
            "device": device_name(device), "summary": summary, "classes_in_macro": reports[0]["classes_in_macro"],
            "excluded": reports[0]["excluded"], "per_class": per_class, "seeds": seeds, "depth": depth,
            "time_s": time.time() - t0}

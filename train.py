@@ -12,6 +12,12 @@ for 1S/2S, dense heads that predict the anatomy / abnormality fractions of each 
     python train.py --config=dale_ct_2s --micro_batch=32              # 1 GPU, 16 accumulation steps
     python train.py --config=phantom --resume=auto                    # continue from out_dir/ckpt.pt
     python train.py --config=phantom --picture=sample.png             # draw one training sample
+    python train.py --config=phantom --objective=dino                 # DINO instead of LeJEPA (dino.py)
+    python train.py --config=phantom_3d --objective=dino              # CoralBay-style: a 3D Swin on cubes
+
+The same loop trains the comparison's other arms (README: 2D slices against native 3D): --objective=dino
+swaps the loss for DINO's (dino.py), --input=3d the slab views for cubes of contiguous slices (views3d.py)
+and the ViT for a 3D Swin (swin3d.py).
 
 The CPU draws everything random and copies raw slices and masks out of the memmaps; the device then
 crops, resizes, augments and derives the soft targets for the whole micro-batch at once.
@@ -23,7 +29,7 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 try:  # torch takes seconds to import: a Ctrl-C meanwhile ends in one line, not a traceback
     import numpy as np
@@ -35,8 +41,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import dino
 import lejepa
 import prepare
+import swin3d
+import views3d
 from common import (ABNORMALITY_CODES, FRACTION, N_ANATOMY, NONNEG, POSITIVE, Check, StepLog, at_least,
                     atomic_torch_save, describe, one_of, parse_config, setting,
                     setup_distributed, world_size, load_torch, write_output_folder)
@@ -44,6 +53,7 @@ from kernels import fused_sigreg
 from lejepa import lejepa_loss
 from crops import boxes_to_theta, crop_boxes, crop_resize, intensity, mask_centres, soft_targets
 from model import PATCH, VIT_SIZES, DaleCT, vit_flops_per_image
+from swin3d import SWIN_SIZES
 
 MULTIPLE_OF_PATCH = Check(lambda v: v > 0 and v % PATCH == 0, f"a positive multiple of the patch size {PATCH}")
 SIDE = Check(lambda v: 0 < v <= 1, "a fraction of the slice side in (0, 1]")
@@ -65,11 +75,26 @@ class Config:
     layerscale_init: float = setting(1e-5, POSITIVE)  # LayerScale's starting gain (RECIPE.md 4)
     proj_hidden: int = setting(2048, at_least(1))     # projector width (RECIPE.md 4)
     proj_dim: int = setting(124, at_least(1))         # K, the projector output SIGReg acts on (RECIPE.md 5)
+    # objective and input (README: 2D slices against native 3D); the defaults are DALE-CT's
+    objective: str = setting("lejepa", one_of("lejepa", "dino"))  # LeJEPA (lejepa.py) or DINO (dino.py)
+    input: str = setting("2d", one_of("2d", "3d"))  # 2d: slab views for the ViT; 3d: cube views (views3d.py) for the 3D Swin
+    swin: str = setting("base", one_of(*SWIN_SIZES))  # 3D: swin3d.SWIN_SIZES; base = SwinUNETR's / CoralBay's
+    block_mm: float = setting(144.0, POSITIVE)       # 3D: the cube a sample covers (CoralBay: 96 voxels at 1.5 mm)
+    # DINO (dino.py; Caron et al. 2021, arXiv 2104.14294, its defaults); its head's hidden width is proj_hidden
+    dino_prototypes: int = setting(65536, at_least(2))  # K, the head's output
+    dino_bottleneck: int = setting(256, at_least(1))    # the head's L2-normalised bottleneck
+    dino_student_temp: float = setting(0.1, POSITIVE)
+    dino_teacher_temp: float = setting(0.07, POSITIVE)        # after the warm-up
+    dino_teacher_temp_start: float = setting(0.04, POSITIVE)  # warm-up from here ...
+    dino_teacher_temp_steps: int = setting(15000, NONNEG)     # ... over 30 of DINO's 100 epochs = 30% of max_steps
+    dino_center_momentum: float = setting(0.9, FRACTION)
+    dino_ema: float = setting(0.996, FRACTION)                # teacher EMA momentum, cosine to 1 at max_steps
+    dino_freeze_last_steps: int = setting(500, NONNEG)        # prototypes fixed for DINO's first epoch (1%)
     # views (RECIPE.md 3)
     slab_mm: float = setting(12.0, NONNEG)            # local slices within +-slab_mm/2 of the centre; 0 = pure 2D
     n_local: int = setting(8, at_least(1))            # local views per slab (plus 2 global views)
-    global_size: int = setting(256, MULTIPLE_OF_PATCH)  # global view side in px (and the stored pos_embed grid)
-    local_size: int = setting(144, MULTIPLE_OF_PATCH)   # local view side in px
+    global_size: int = setting(256, MULTIPLE_OF_PATCH)  # global view side in px (and the stored pos_embed grid); 3D: voxels
+    local_size: int = setting(144, MULTIPLE_OF_PATCH)   # local view side in px; 3D: voxels
     global_scale_min: float = setting(0.6, SIDE)  # global crop side as a fraction of the slice side
     global_scale_max: float = setting(1.0, SIDE)
     local_scale_min: float = setting(0.3, SIDE)   # local crop side as a fraction of the slice side
@@ -128,6 +153,27 @@ class Config:
                 yield f"--{low}={lo} is above --{high}={hi}"
         if self.batch_size % self.micro_batch:
             yield f"--batch_size={self.batch_size} is not a multiple of --micro_batch={self.micro_batch}"
+        if self.input == "3d" and self.variant != "0":
+            yield f"--variant={self.variant} needs slice masks under every patch: with --input=3d use --variant=0"
+        if self.input == "3d" and self.picture:
+            yield "--picture draws 2D samples only; drop it with --input=3d"
+
+
+# What each input and objective leaves unused: a command line that sets one is told it has no effect
+# (a preset may carry them for the other arms)
+UNUSED = {("input", "3d"): ("vit", "layerscale_init", "slab_mm", "p_mask_centred", "p_abnormal_volume",
+                            "p_blur_global1", "p_blur_global2", "blur_sigma_min", "blur_sigma_max", "target_samples",
+                            "aux_weight", "abn_pos_weight", "anat_pos_weight_max", "pos_weight_slices"),
+          ("input", "2d"): ("swin", "block_mm"),
+          ("objective", "dino"): ("proj_dim", "lam", "num_slices", "fused_sigreg"),
+          ("objective", "lejepa"): tuple(f.name for f in fields(Config) if f.name.startswith("dino_"))}
+
+
+def unused_settings(cfg, argv):
+    """The command line's settings that this run's input and objective do not use."""
+    given = {a[2:].partition("=")[0].replace("-", "_") for a in argv}
+    return [f"--{k}" for (key, value), names in UNUSED.items() if getattr(cfg, key) == value
+            for k in names if k in given]
 
 
 def parse_args(argv):
@@ -210,7 +256,11 @@ def loader(ds, cfg, start_step, rank, world, accum, pin=False):
     """Micro-batches in training order from start_step on, data_workers of them gathered ahead in threads
     (memmap reads and numpy copies release the GIL)."""
     def load(step, micro):
-        b = gather(ds, plan_slabs(ds, cfg, step, slots_for(step, rank, micro, cfg, world)))
+        slots = slots_for(step, rank, micro, cfg, world)
+        if cfg.input == "3d":  # cubes of contiguous slices instead of slabs (views3d.py)
+            b = views3d.gather_blocks(ds, views3d.plan_blocks(ds, cfg, step, slots), cfg.block_mm)
+        else:
+            b = gather(ds, plan_slabs(ds, cfg, step, slots))
         return {k: v.pin_memory() for k, v in b.items()} if pin else b  # pinned: async host-to-device copies
 
     keys = ((step, micro) for step in range(start_step, 1 << 62) for micro in range(accum))
@@ -318,16 +368,24 @@ def sigreg_statistics(raw, micro_views, cfg, step, autocast):
     return lejepa.global_sums(zs, step, cfg.num_slices)
 
 
-def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1, fused=None):
+def compute_loss(model, views, pos_weight, cfg, step, given=None, counts=None, accum=1, fused=None, teacher=None):
     """Forward one micro-batch; returns the total loss and a dict of detached parts for the log.
     given: SIGReg's statistics over the whole step (sigreg_statistics), or None = this micro-batch's;
     counts: the step's mask counts (step_mask_counts) for the aux means, or None = this micro-batch's;
-    fused: the Triton SIGReg (fused_sigreg) in place of lejepa.py's PyTorch path, or None."""
+    fused: the Triton SIGReg (fused_sigreg) in place of lejepa.py's PyTorch path, or None;
+    teacher: DINO's (dino.Teacher), which makes the objective DINO's instead of LeJEPA's."""
     z, aux_g, aux_l = model(views["xg"], views["xl"])
     B = len(views["has_anatomy"])
     z = z.float().view(2 + cfg.n_local, B, -1)  # (V, B, K); SIGReg sums in float32 (RECIPE.md 5)
-    loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices, given=given, fused=fused)
-    parts = {"inv": lj["inv"], "sigreg": lj["sigreg"]}
+    if teacher is not None:  # DINO: every student view against the teacher's other global view(s)
+        t = teacher(views["xg"]).view(2, B, -1)  # (2, B, K)
+        temp = dino.teacher_temperature(step, cfg.dino_teacher_temp_steps, cfg.dino_teacher_temp_start,
+                                        cfg.dino_teacher_temp)
+        loss = dino.dino_loss(z, t, teacher.center, cfg.dino_student_temp, temp)
+        parts = {"dino": loss, "entropy": dino.teacher_entropy(t.flatten(0, 1), teacher.center, temp)}
+    else:
+        loss, lj = lejepa_loss(z, n_global=2, lam=cfg.lam, step=step, num_slices=cfg.num_slices, given=given, fused=fused)
+        parts = {"inv": lj["inv"], "sigreg": lj["sigreg"]}
     if aux_g is not None:
         aux, ap = aux_loss(aux_g, aux_l, views, pos_weight, cfg, counts, accum)
         loss = loss + aux
@@ -366,13 +424,16 @@ RESUMABLE = ("data", "out_dir", "device", "data_workers", "compile", "fused_sigr
              "stop_at", "resume", "picture", "max_steps")
 
 
-def save_checkpoint(path, raw, optimizer, step, cfg, pos_weight):
-    """Atomic (path.tmp, then renamed): a crash never leaves half a checkpoint."""
-    ckpt = {"model": raw.vit.state_dict(),  # timm key names: model.load_backbone / timm read it
+def save_checkpoint(path, raw, optimizer, step, cfg, pos_weight, teacher=None):
+    """Atomic (path.tmp, then renamed): a crash never leaves half a checkpoint. "model" is the backbone to
+    evaluate (timm key names for the ViT, MONAI's for the 3D Swin): with DINO the teacher's, as DINO evaluates."""
+    ckpt = {"model": (teacher.net if teacher else raw).backbone.state_dict(),
+            "student": raw.backbone.state_dict() if teacher else None,
+            "teacher": teacher.state_dict() if teacher else None,
             "projector": raw.projector.state_dict(),
             "heads": raw.heads.state_dict() if raw.heads is not None else None,
             "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg),
-            "vit": cfg.vit, "img_size": cfg.global_size, "pos_weight": pos_weight,
+            "vit": cfg.vit, "img_size": cfg.global_size, "pos_weight": pos_weight, "input": cfg.input, "swin": cfg.swin,
             "rng": {"torch": torch.get_rng_state(), "data": "derived from (seed, step, slot)"}}
     try:
         atomic_torch_save(ckpt, path)
@@ -392,7 +453,7 @@ def resume_path(cfg):
     return path
 
 
-def load_checkpoint(path, raw, optimizer, cfg):
+def load_checkpoint(path, raw, optimizer, cfg, teacher=None):
     try:
         ckpt = load_torch(path)
     except ValueError as e:
@@ -407,7 +468,9 @@ def load_checkpoint(path, raw, optimizer, cfg):
         raise SystemExit(f"{path}: the checkpoint is at step {ckpt['step']}, beyond --max_steps={cfg.max_steps}: "
                          f"give --max_steps={ckpt['step']} or more (the checkpoint's: {old.get('max_steps')})")
     try:
-        raw.vit.load_state_dict(ckpt["model"])
+        raw.backbone.load_state_dict(ckpt["student"] if teacher else ckpt["model"])
+        if teacher:
+            teacher.load_state_dict(ckpt["teacher"])
         raw.projector.load_state_dict(ckpt["projector"])
         if raw.heads is not None:
             raw.heads.load_state_dict(ckpt["heads"])
@@ -427,10 +490,11 @@ def build(cfg, ds, device, ddp, world, accum, log):
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's)
     raw = DaleCT(cfg).to(device)
     optimizer = make_optimizer(raw, cfg, fused=device.type == "cuda")
+    teacher = dino.Teacher(raw, cfg.dino_prototypes) if cfg.objective == "dino" else None
     start, pos_anat = 0, None
     path = resume_path(cfg)
     if path:
-        start, pos_anat = load_checkpoint(path, raw, optimizer, cfg)
+        start, pos_anat = load_checkpoint(path, raw, optimizer, cfg, teacher)
         log(f"resumed {path} at step {start}")
     if pos_anat is None:
         pos_anat = anatomy_pos_weight(ds, cfg)
@@ -443,9 +507,12 @@ def build(cfg, ds, device, ddp, world, accum, log):
     if accum > 1:
         log(f"note: {accum} accumulation micro-steps: one extra no-grad forward each, so that SIGReg's statistics "
             f"cover the global batch of {cfg.batch_size} slabs as on {cfg.batch_size // cfg.micro_batch} GPUs")
-    log(f"model: ViT-{cfg.vit} + projector{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M "
-        f"parameters; {world} rank(s) x {cfg.micro_batch} slabs x {accum} accumulation = {cfg.batch_size} slabs/step")
-    return raw, model, optimizer, start, pos_anat, pos_weight
+    net = f"3D Swin-{cfg.swin}" if cfg.input == "3d" else f"ViT-{cfg.vit}"
+    head = "DINO head + EMA teacher" if teacher else "projector"
+    log(f"model: {net} + {head}{' + heads' if raw.heads is not None else ''}, {n_params / 1e6:.1f}M parameters; "
+        f"{world} rank(s) x {cfg.micro_batch} {'blocks' if cfg.input == '3d' else 'slabs'} x {accum} accumulation "
+        f"= {cfg.batch_size} per step")
+    return raw, model, optimizer, teacher, start, pos_anat, pos_weight
 
 
 def open_data(cfg, log):
@@ -466,7 +533,8 @@ def open_data(cfg, log):
 # The run
 
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     ddp, rank, world, device = setup_distributed(cfg.device)  # torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
@@ -480,7 +548,10 @@ def main(argv=None):
     log(describe(cfg))
     ds = open_data(cfg, log)
 
-    raw, model, optimizer, start, pos_anat, pos_weight = build(cfg, ds, device, ddp, world, accum, log)
+    unused = unused_settings(cfg, argv)
+    if unused:
+        log(f"note: --input={cfg.input} --objective={cfg.objective} does not use {', '.join(unused)}: no effect")
+    raw, model, optimizer, teacher, start, pos_anat, pos_weight = build(cfg, ds, device, ddp, world, accum, log)
     if cfg.picture:
         import plots
         return plots.draw_sample(ds, cfg, cfg.picture, (plan_slabs, slab_range, gather, make_views), log)
@@ -496,37 +567,44 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=stop, initial=start, unit="step", dynamic_ncols=True)
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if master else None
-    # training FLOPs of a slab: 3x the forward of its 2 global and n_local local views (projector, heads < 1%)
-    slab_flops = 3 * (2 * vit_flops_per_image(raw.vit, cfg.global_size)
-                      + cfg.n_local * vit_flops_per_image(raw.vit, cfg.local_size))
+    # training FLOPs of a sample: 3x the forward of its 2 global and n_local local views (projector, heads < 1%),
+    # and with DINO the teacher's forward of the 2 global views
+    flops = (lambda n: swin3d.flops(raw.backbone, n)) if cfg.input == "3d" else (lambda n: vit_flops_per_image(raw.backbone, n))
+    slab_flops = (3 * (2 * flops(cfg.global_size) + cfg.n_local * flops(cfg.local_size))
+                  + (2 * flops(cfg.global_size) if teacher else 0))
     meter = StepLog(cfg.batch_size, slab_flops, device, start, stop, world, bar.write if bar else log, logf,
-                    shown=("inv", "sigreg", "anat", "abn"))
+                    shown=("inv", "sigreg", "dino", "entropy", "anat", "abn"))
     for step in range(start, stop):
         lr = get_lr(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        micro_views = [make_views(next(batches), cfg, device) for _ in range(accum)]
+        views_of = views3d.make_views3d if cfg.input == "3d" else make_views
+        micro_views = [views_of(next(batches), cfg, device) for _ in range(accum)]
         # With accumulation, SIGReg's statistics come first from a no-grad pass over all micro-batches,
         # so that its batch is the global one whatever the GPU count (RECIPE.md 5-6)
-        given = sigreg_statistics(raw, micro_views, cfg, step, autocast) if accum > 1 else None
+        given = sigreg_statistics(raw, micro_views, cfg, step, autocast) if accum > 1 and not teacher else None
         counts = step_mask_counts(micro_views, cfg) if accum > 1 else None  # aux means over the step too
         for micro, views in enumerate(micro_views):
             last = micro == accum - 1
             with (model.no_sync() if ddp and not last else nullcontext()):  # all-reduce on the last micro-step
                 with autocast:
-                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given, counts, accum, fused)
+                    loss, parts = compute_loss(model, views, pos_weight, cfg, step, given, counts, accum, fused, teacher)
                 (loss / accum).backward()
             meter.add(parts, accum)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if teacher and step < cfg.dino_freeze_last_steps:  # DINO: the prototypes wait while the rest settles
+            raw.projector.prototypes.grad = None
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if teacher:  # DINO: the teacher follows the student, the centre follows the teacher
+            teacher.step(raw, dino.teacher_momentum(step, cfg.max_steps, cfg.dino_ema), cfg.dino_center_momentum)
         if bar:
             bar.update()
         done = step + 1
         if done % cfg.log_every == 0 or done == stop:
             meter.log(done, lr, grad_norm)
         if master and (done % cfg.ckpt_every == 0 or done == stop):
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, done, cfg, pos_anat)
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), raw, optimizer, done, cfg, pos_anat, teacher)
     batches.close()
     if bar:
         bar.close()

@@ -410,7 +410,7 @@ def eval_loss(cfg, ckpt, views, pos_weight):
     torch.manual_seed(cfg.seed)
     model = train.DaleCT(cfg)  # the initial weights, same as main() builds
     if ckpt is not None:
-        model.vit.load_state_dict(ckpt["model"])
+        model.backbone.load_state_dict(ckpt["model"])
         model.projector.load_state_dict(ckpt["projector"])
         if model.heads is not None:
             model.heads.load_state_dict(ckpt["heads"])
