@@ -105,8 +105,8 @@ def test_weight_decay_groups(prepared):
     model = train.DaleCT(cfg)
     decay, no_decay = (set(map(id, g["params"])) for g in train.make_optimizer(model, cfg).param_groups)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {"vit.pos_embed", "vit.cls_token", "vit.blocks.0.ls1.gamma", "vit.norm.weight", "heads.anatomy.bias"} <= {names[i] for i in no_decay}
-    assert {"vit.patch_embed.proj.weight", "vit.blocks.0.attn.qkv.weight", "heads.anatomy.weight"} <= {names[i] for i in decay}
+    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.blocks.0.ls1.gamma", "backbone.norm.weight", "heads.anatomy.bias"} <= {names[i] for i in no_decay}
+    assert {"backbone.patch_embed.proj.weight", "backbone.blocks.0.attn.qkv.weight", "heads.anatomy.weight"} <= {names[i] for i in decay}
     assert len(decay) + len(no_decay) == len(names)
 
 
